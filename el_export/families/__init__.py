@@ -1,0 +1,128 @@
+"""Model families: each maps a Hugging Face config and weights onto the shared building blocks.
+
+Families register by HF config class name. An architecture that EL-attention cannot express is
+refused with the reason; one that is merely not implemented is refused with the supported list.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from el_export.errors import CheckpointError, UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family: how to describe a config as a spec, and build + fill the module from HF weights."""
+
+    name: str
+    kind: str  # "seq2seq" | "decoder-only"
+    spec_from_config: Callable  # HF config -> spec (raises UnsupportedModelError)
+    build: Callable  # spec -> nn.Module with the shared blocks
+    hf_key: Callable[[str], str]  # our state-dict key -> the HF checkpoint's key
+
+
+_BY_CONFIG: dict[str, Family] = {}
+
+# Architectures whose keys are rotated by position (RoPE): q_i W_k^i^T depends on the key's
+# position, so no single expanded query exists and EL-attention cannot be applied.
+_ROTARY_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "qwen2_moe",
+    "qwen3_moe",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi",
+    "phi3",
+    "gpt_neox",
+    "gptj",
+    "falcon",
+    "olmo",
+    "olmo2",
+    "stablelm",
+    "starcoder2",
+    "cohere",
+    "deepseek_v3",
+    "granite",
+    "smollm3",
+    "internlm2",
+    "codegen",
+    "persimmon",
+    "chatglm",
+)
+
+
+def register(*config_class_names: str):
+    def add(family: Family) -> Family:
+        for name in config_class_names:
+            _BY_CONFIG[name] = family
+        return family
+
+    return add
+
+
+def family_for(config) -> Family:
+    """The family that handles this HF config, or UnsupportedModelError saying why not."""
+    _load_builtin_families()
+    name = type(config).__name__
+    if name in _BY_CONFIG:
+        return _BY_CONFIG[name]
+    model_type = getattr(config, "model_type", "?")
+    rope = (
+        getattr(config, "rope_theta", None) is not None or getattr(config, "rope_scaling", None) is not None
+    )
+    if model_type in _ROTARY_MODEL_TYPES or rope or getattr(config, "rotary_dim", None):
+        raise UnsupportedModelError(
+            f"{model_type} ({name}) uses rotary position embeddings: each key is rotated by its position, "
+            "so no single expanded query q W_k^T exists and EL-attention cannot be applied"
+        )
+    supported = ", ".join(sorted({f.name for f in _BY_CONFIG.values()}))
+    raise UnsupportedModelError(
+        f"{model_type} ({name}) is not supported by el-export; supported families: {supported}"
+    )
+
+
+def supported_config_names() -> list[str]:
+    _load_builtin_families()
+    return sorted(_BY_CONFIG)
+
+
+def _load_builtin_families() -> None:
+    """Import the built-in family modules (explicitly, not as a side effect of import order)."""
+    from el_export.families import bart  # noqa: F401
+
+
+def build_from_hf(hf_model: nn.Module) -> tuple[nn.Module, Family]:
+    """Build our module for an HF model and copy its weights, checking every name and shape.
+
+    Raises:
+        UnsupportedModelError: the family is unknown or a feature of this config is not supported.
+        CheckpointError: weights are missing or have unexpected shapes (all listed at once).
+    """
+    family = family_for(hf_model.config)
+    spec = family.spec_from_config(hf_model.config)
+    model = family.build(spec)
+    source = hf_model.state_dict()
+    target = model.state_dict()
+    problems = []
+    for key, tensor in target.items():
+        hf_key = family.hf_key(key)
+        if hf_key not in source:
+            problems.append(f"missing {hf_key}")
+        elif source[hf_key].shape != tensor.shape:
+            problems.append(
+                f"{hf_key} has shape {tuple(source[hf_key].shape)}, expected {tuple(tensor.shape)}"
+            )
+    if problems:
+        raise CheckpointError(f"{family.name} checkpoint does not match its config: " + "; ".join(problems))
+    with torch.no_grad():
+        for key, tensor in target.items():
+            tensor.copy_(source[family.hf_key(key)])
+    return model.eval(), family
