@@ -75,18 +75,14 @@ def family_for(config) -> Family:
     if name in _BY_CONFIG:
         return _BY_CONFIG[name]
     model_type = getattr(config, "model_type", "?")
-    rope = (
-        getattr(config, "rope_theta", None) is not None or getattr(config, "rope_scaling", None) is not None
-    )
+    rope = getattr(config, "rope_theta", None) is not None or getattr(config, "rope_scaling", None) is not None
     if model_type in _ROTARY_MODEL_TYPES or rope or getattr(config, "rotary_dim", None):
         raise UnsupportedModelError(
             f"{model_type} ({name}) uses rotary position embeddings: each key is rotated by its position, "
             "so no single expanded query q W_k^T exists and EL-attention cannot be applied"
         )
     supported = ", ".join(sorted({f.name for f in _BY_CONFIG.values()}))
-    raise UnsupportedModelError(
-        f"{model_type} ({name}) is not supported by el-export; supported families: {supported}"
-    )
+    raise UnsupportedModelError(f"{model_type} ({name}) is not supported by el-export; supported families: {supported}")
 
 
 def supported_config_names() -> list[str]:
@@ -117,9 +113,7 @@ def build_from_hf(hf_model: nn.Module) -> tuple[nn.Module, Family]:
         if hf_key not in source:
             problems.append(f"missing {hf_key}")
         elif source[hf_key].shape != tensor.shape:
-            problems.append(
-                f"{hf_key} has shape {tuple(source[hf_key].shape)}, expected {tuple(tensor.shape)}"
-            )
+            problems.append(f"{hf_key} has shape {tuple(source[hf_key].shape)}, expected {tuple(tensor.shape)}")
     if problems:
         raise CheckpointError(f"{family.name} checkpoint does not match its config: " + "; ".join(problems))
     with torch.no_grad():
