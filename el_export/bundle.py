@@ -1,0 +1,219 @@
+"""The bundle: the contract between export time and run time.
+
+A directory holding `manifest.json` and the files it names (graphs, external weights, tokenizer).
+The runtime reads only this: no `transformers`, no original checkpoint. Readers refuse a format
+version they do not know, a file whose sha256 differs from the manifest, and any file name that
+would leave the bundle directory.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from el_export.errors import BundleError, InvalidArgumentError
+from el_export.graphs import TensorSpec
+
+FORMAT = "el-export-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return next(s for s in self.inputs if s.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(s for s in self.outputs if s.name == name)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    family: str
+    kind: str  # "seq2seq" | "decoder-only"
+    mode: str  # "el" | "kv"
+    dtype: str
+    dims: dict
+    graphs: dict[str, GraphEntry]
+    special_tokens: dict
+    generation_defaults: dict
+    files: dict[str, dict]  # relative name -> {"sha256": ..., "bytes": ...}
+    tokenizer: str | None = None
+    exporter: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "family": self.family,
+            "kind": self.kind,
+            "mode": self.mode,
+            "dtype": self.dtype,
+            "dims": self.dims,
+            "graphs": {
+                name: {
+                    "file": g.file,
+                    "inputs": [s.to_json() for s in g.inputs],
+                    "outputs": [s.to_json() for s in g.outputs],
+                }
+                for name, g in self.graphs.items()
+            },
+            "special_tokens": self.special_tokens,
+            "generation_defaults": self.generation_defaults,
+            "tokenizer": self.tokenizer,
+            "files": self.files,
+            "exporter": self.exporter,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_json(cls, data) -> "Manifest":
+        """Validate and read a manifest; every problem is a BundleError naming the field."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise BundleError(f'{MANIFEST} is not an el-export bundle manifest (no "format": "{FORMAT}")')
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format version {version!r} is not supported by this el-export (it reads version "
+                f"{FORMAT_VERSION}); re-export the model with this version of el-export"
+            )
+        _require(data, "family", str)
+        _require(data, "kind", str, choices=("seq2seq", "decoder-only"))
+        _require(data, "mode", str, choices=("el", "kv"))
+        _require(data, "dtype", str, choices=("float32", "float16", "bfloat16"))
+        for key in ("dims", "graphs", "special_tokens", "generation_defaults", "files"):
+            _require(data, key, dict)
+        files = data["files"]
+        for name, entry in files.items():
+            _safe_name(name)
+            if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+                raise BundleError(f"manifest files[{name!r}] has no sha256")
+        graphs = {}
+        for name, entry in data["graphs"].items():
+            try:
+                graph = GraphEntry(
+                    file=entry["file"],
+                    inputs=tuple(TensorSpec.from_json(s) for s in entry["inputs"]),
+                    outputs=tuple(TensorSpec.from_json(s) for s in entry["outputs"]),
+                )
+            except (KeyError, TypeError) as e:
+                raise BundleError(f"manifest graphs[{name!r}] is malformed ({e!r})") from None
+            if graph.file not in files:
+                raise BundleError(f"manifest graphs[{name!r}] names {graph.file!r}, which is not in its files list")
+            graphs[name] = graph
+        tokenizer = data.get("tokenizer")
+        if tokenizer is not None and tokenizer not in files:
+            raise BundleError(f"manifest names tokenizer {tokenizer!r}, which is not in its files list")
+        return cls(
+            family=data["family"],
+            kind=data["kind"],
+            mode=data["mode"],
+            dtype=data["dtype"],
+            dims=data["dims"],
+            graphs=graphs,
+            special_tokens=data["special_tokens"],
+            generation_defaults=data["generation_defaults"],
+            files=files,
+            tokenizer=tokenizer,
+            exporter=data.get("exporter", {}),
+            source=data.get("source", {}),
+        )
+
+
+def _require(data: dict, key: str, kind: type, choices: tuple | None = None) -> None:
+    if not isinstance(data.get(key), kind):
+        raise BundleError(f"manifest field {key!r} is missing or not a {kind.__name__}")
+    if choices and data[key] not in choices:
+        raise BundleError(f"manifest field {key!r} is {data[key]!r}; expected one of {', '.join(choices)}")
+
+
+def _safe_name(name: str) -> None:
+    """A file name inside the bundle: relative, no parent references, no absolute paths."""
+    p = Path(name)
+    if not name or p.is_absolute() or ".." in p.parts or name.startswith(("/", "\\")) or "\\" in name:
+        raise BundleError(f"manifest names file {name!r}, which is outside the bundle directory")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entries(directory: Path) -> dict[str, dict]:
+    """sha256 and size of every file in a directory being written as a bundle (manifest excluded)."""
+    entries = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            entries[path.relative_to(directory).as_posix()] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+    return entries
+
+
+def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> Manifest:
+    """Read and validate a bundle's manifest; with `verify`, check every file's presence and sha256.
+
+    Raises:
+        BundleError: the directory, manifest or a file is missing, malformed or corrupted.
+    """
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle directory {bundle_dir} does not exist; create one with `el-export export`")
+    path = bundle_dir / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir} has no {MANIFEST}: not a bundle, or an export that did not finish")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON ({e})") from None
+    manifest = Manifest.from_json(data)
+    if verify:
+        for name, entry in manifest.files.items():
+            file = bundle_dir / name
+            if not file.is_file():
+                raise BundleError(f"bundle {bundle_dir} is missing {name}; re-export it")
+            if sha256(file) != entry["sha256"]:
+                raise BundleError(
+                    f"{file} does not match the sha256 in {MANIFEST}: the file is corrupted or was changed"
+                )
+    return manifest
+
+
+@contextmanager
+def writing_bundle(out_dir: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary directory that becomes `out_dir` only if the block finishes.
+
+    A failed export leaves nothing behind; an existing bundle is replaced only with `overwrite`.
+    """
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not overwrite:
+        raise InvalidArgumentError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "bundle")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    (directory / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")

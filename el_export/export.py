@@ -1,0 +1,269 @@
+"""Export: HF checkpoint -> EL (or K/V) graphs -> ONNX -> checked bundle, written atomically.
+
+One template for every family: load, build + copy weights, export each graph, check each graph
+against its PyTorch module on shapes it was not traced with, write the manifest. The exporter
+knows torch and ONNX; families know checkpoints.
+"""
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch.export import Dim
+
+from el_export import __version__
+from el_export.bundle import Manifest, file_entries, write_manifest, writing_bundle
+from el_export.errors import CheckpointError, ExportError, InvalidArgumentError
+from el_export.families import build_from_hf, family_for
+from el_export.graphs import graphs_for, sample_inputs
+from el_export.progress import Steps
+from el_export.seq2seq import MODES
+
+# How far an exported graph may be from its PyTorch module (both fp32, other shapes than traced).
+EXPORT_CHECK_TOLERANCE = {"float32": {"atol": 1e-4, "rtol": 1e-3}}
+CHECK_SIZES = ({"batch": 1, "rows": 1, "source": 1, "past": 0}, {"batch": 3, "rows": 12, "source": 9, "past": 7})
+
+# generation_config keys that describe bookkeeping, not search.
+_NOT_GENERATION = {
+    "_from_model_config",
+    "transformers_version",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict_in_generate",
+    "output_scores",
+    "output_logits",
+}
+
+
+def load_checkpoint(model: str):
+    """Load an HF checkpoint (local directory, or hub id when a hub is reachable) and its tokenizer.
+
+    The config is read first so an unsupported architecture is refused before any weights load.
+
+    Raises:
+        CheckpointError: not found, unreadable, or not a generation model.
+        UnsupportedModelError: the architecture is not supported (with the reason).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    local = Path(model).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise CheckpointError(f"{model} is not a Hugging Face checkpoint directory (no config.json)")
+    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise CheckpointError(f"checkpoint directory {model} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(str(local) if local.exists() else model)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "local directory" if local.exists() else "local directory, and the hub did not serve it"
+        raise CheckpointError(f"cannot read the config of {model!r} ({where}): {first}") from None
+    family = family_for(config)
+    auto = AutoModelForSeq2SeqLM if family.kind == "seq2seq" else AutoModelForCausalLM
+    try:
+        hf_model = auto.from_pretrained(model).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load the weights of {model!r}: {first}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except Exception:  # a checkpoint without tokenizer files still exports; the bundle then takes ids only
+        tokenizer = None
+    return hf_model, tokenizer
+
+
+def export_model(
+    hf_model,
+    out_dir: str | os.PathLike,
+    *,
+    mode: str = "el",
+    opset: int | None = None,
+    tokenizer=None,
+    overwrite: bool = False,
+    external_data: bool | None = None,
+    progress: bool = True,
+    source: str | None = None,
+) -> Manifest:
+    """Export an HF generation model to a bundle of ONNX graphs with an EL (or K/V) decoder.
+
+    Args:
+        hf_model: a loaded `transformers` model of a supported family.
+        out_dir: the bundle directory to create (atomically: a failure leaves nothing).
+        mode: "el" (EL-attention decoder) or "kv" (the standard K/V-cache baseline).
+        opset: ONNX opset; None lets the exporter choose.
+        tokenizer: an HF fast tokenizer to ship as tokenizer.json (optional).
+        overwrite: replace an existing bundle at `out_dir`.
+        external_data: store weights beside the graph; None does so only past 2 GB.
+        progress: show a progress display on stderr.
+        source: where the checkpoint came from, recorded in the manifest.
+
+    Returns:
+        The manifest written.
+
+    Raises:
+        InvalidArgumentError, UnsupportedModelError, CheckpointError, ExportError.
+    """
+    if mode not in MODES:
+        raise InvalidArgumentError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    steps = Steps(["build", "encoder", "decoder_step", "bundle"], enabled=progress)
+    with steps, writing_bundle(out_dir, overwrite=overwrite) as tmp:
+        steps.start("build", f"building the {mode} graphs")
+        model, family = build_from_hf(hf_model)
+        graphs = graphs_for(model, mode)
+        entries = {}
+        for graph in graphs:
+            steps.start(graph.name, f"exporting {graph.name}.onnx")
+            path = tmp / f"{graph.name}.onnx"
+            export_graph(graph, path, opset=opset, external_data=external_data)
+            check_graph(graph, path)
+            entries[graph.name] = graph
+        steps.start("bundle", "writing the bundle")
+        tokenizer_file = _save_tokenizer(tokenizer, tmp)
+        manifest = Manifest(
+            family=family.name,
+            kind=family.kind,
+            mode=mode,
+            dtype="float32",
+            dims=_dims(model.spec),
+            graphs={g.name: _graph_entry(g) for g in graphs},
+            special_tokens=_special_tokens(hf_model),
+            generation_defaults=_generation_defaults(hf_model),
+            files=file_entries(tmp),
+            tokenizer=tokenizer_file,
+            exporter=_versions(_opset_of(tmp / "decoder_step.onnx")),
+            source={"model": source, "config_class": type(hf_model.config).__name__},
+        )
+        write_manifest(tmp, manifest)
+        steps.done()
+    return manifest
+
+
+def export_graph(graph: torch.nn.Module, path: Path, opset: int | None = None, external_data: bool | None = None):
+    """torch.onnx (dynamo) export with every symbolic axis of the graph's contract dynamic."""
+    import onnx
+
+    dims: dict[str, Dim] = {}
+
+    def dim(axis: str) -> Dim:
+        if axis not in dims:
+            dims[axis] = Dim(axis, min=0 if axis == "past" else 1)
+        return dims[axis]
+
+    dynamic_shapes = tuple({i: dim(a) for i, a in enumerate(spec.shape) if isinstance(a, str)} for spec in graph.inputs)
+    graph.eval()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # it warns about torchvision ops we never use
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                graph,
+                sample_inputs(graph),
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                input_names=[s.name for s in graph.inputs],
+                output_names=[s.name for s in graph.outputs],
+                opset_version=opset,
+                verbose=False,
+            )
+            program.save(path, external_data=external_data)
+    except Exception as e:  # the exporter raises many types; the first line says what failed
+        raise ExportError(f"exporting {graph.name} failed: {str(e).strip().splitlines()[0]}") from e
+    # Name output axes as the contract does (the exporter writes expressions such as "past + 1").
+    model = onnx.load(str(path), load_external_data=False)
+    for spec, value in zip(graph.outputs, model.graph.output, strict=True):
+        for axis, dim_proto in zip(spec.shape, value.type.tensor_type.shape.dim, strict=True):
+            if isinstance(axis, str):
+                dim_proto.dim_param = axis
+    onnx.save(model, str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{path.name} fails onnx.checker: {str(e).splitlines()[0]}") from None
+    bad = {n.op_type for n in model.graph.node if n.op_type in ("If", "Loop", "Scan")}
+    if bad:
+        raise ExportError(f"{path.name} contains control flow ({', '.join(sorted(bad))}); graphs must be straight-line")
+
+
+def check_graph(graph: torch.nn.Module, path: Path) -> None:
+    """Run the exported graph in ONNX Runtime on shapes it was not traced with; compare with PyTorch."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    tol = EXPORT_CHECK_TOLERANCE["float32"]
+    for sizes in CHECK_SIZES:
+        inputs = sample_inputs(graph, sizes, seed=1)
+        with torch.no_grad():
+            expected = graph(*inputs)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = session.run(None, {s.name: t.numpy() for s, t in zip(graph.inputs, inputs, strict=True)})
+        for spec, e, g in zip(graph.outputs, expected, got, strict=True):
+            e = e.numpy()
+            if e.shape != g.shape or not np.allclose(g, e, **tol):
+                err = float(np.abs(g - e).max()) if e.shape == g.shape else f"shape {g.shape} != {e.shape}"
+                raise ExportError(
+                    f"{path.name} output {spec.name} differs from PyTorch at {sizes}: max abs error {err}"
+                )
+
+
+def _graph_entry(graph):
+    from el_export.bundle import GraphEntry
+
+    return GraphEntry(file=f"{graph.name}.onnx", inputs=graph.inputs, outputs=graph.outputs)
+
+
+def _dims(spec) -> dict:
+    return {
+        "d_model": spec.d_model,
+        "encoder_layers": spec.encoder_layers,
+        "decoder_layers": spec.decoder_layers,
+        "heads": spec.decoder.n_heads,
+        "d_head": spec.decoder.d_head,
+        "vocab_size": spec.vocab_size,
+        "encoder_vocab_size": spec.encoder_vocab_size,
+        "max_positions": spec.max_positions,
+    }
+
+
+def _special_tokens(hf_model) -> dict:
+    gen, cfg = hf_model.generation_config, hf_model.config
+    tokens = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+        value = getattr(gen, key, None)
+        tokens[key] = value if value is not None else getattr(cfg, key, None)
+    return tokens
+
+
+def _generation_defaults(hf_model) -> dict:
+    return {k: v for k, v in hf_model.generation_config.to_diff_dict().items() if k not in _NOT_GENERATION}
+
+
+def _save_tokenizer(tokenizer, directory: Path) -> str | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "save"):
+        return None
+    backend.save(str(directory / "tokenizer.json"))
+    return "tokenizer.json"
+
+
+def _opset_of(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _versions(opset: int) -> dict:
+    import onnx
+    import transformers
+
+    return {
+        "el_export": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "opset": opset,
+    }

@@ -1,0 +1,136 @@
+"""`load(bundle).generate(...)`: inputs in, HF-`generate`-shaped outputs out, from the bundle alone."""
+
+import os
+from pathlib import Path
+
+import torch
+
+from el_export.bundle import Manifest, read_manifest
+from el_export.errors import InputError, InvalidArgumentError
+from el_export.runtime import make_backend
+from el_export.runtime.decoder import GraphDecoder
+from el_export.search import SearchOutput, generate_ids, resolve_options
+from el_export.tokenizer import Tokenizer
+
+
+class Generator:
+    """A loaded bundle: encoder + step decoder on a backend, search, and (if shipped) a tokenizer."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, backend):
+        self.bundle_dir, self.manifest, self.backend = bundle_dir, manifest, backend
+        tokens = manifest.special_tokens
+        self.tokenizer = (
+            Tokenizer(bundle_dir / manifest.tokenizer, tokens.get("pad_token_id")) if manifest.tokenizer else None
+        )
+
+    @classmethod
+    def from_bundle(
+        cls, bundle_dir: str | os.PathLike, backend: str = "onnxruntime", verify: bool = True, **options
+    ) -> "Generator":
+        bundle_dir = Path(bundle_dir)
+        manifest = read_manifest(bundle_dir, verify=verify)
+        return cls(bundle_dir, manifest, make_backend(backend, bundle_dir, manifest, **options))
+
+    @property
+    def max_source_positions(self) -> int:
+        return self.manifest.dims["max_positions"]
+
+    def generate(self, input_ids=None, attention_mask=None, decoder_input_ids=None, **kwargs) -> SearchOutput:
+        """Generate with the semantics and output layout of HF `generate`.
+
+        Args:
+            input_ids: int64 [B, S] source token ids (tensor or nested lists).
+            attention_mask: int64 [B, S]; derived from the pad token as HF does when omitted.
+            decoder_input_ids: int64 [B, P] decoder prompt; decoder_start_token_id is prepended
+                when it does not already start it.
+            **kwargs: HF generation arguments (num_beams, max_new_tokens, length_penalty, ...).
+
+        Returns:
+            SearchOutput with `.sequences`, `.sequences_scores` (beam search), `.scores`, `.beam_indices`.
+
+        Raises:
+            InputError: empty input, token ids outside the vocabulary, too long for the model.
+            InvalidArgumentError: invalid generation arguments.
+        """
+        input_ids, attention_mask = self._check_source(input_ids, attention_mask)
+        B = input_ids.shape[0]
+        defaults = {**self.manifest.special_tokens, **self.manifest.generation_defaults}
+        defaults = {k: v for k, v in defaults.items() if v is not None}
+        start = kwargs.get(
+            "decoder_start_token_id", defaults.get("decoder_start_token_id", defaults.get("bos_token_id"))
+        )
+        if start is None:
+            raise InvalidArgumentError("the bundle has no decoder_start_token_id; pass decoder_start_token_id=...")
+        prompt = torch.full((B, 1), start, dtype=torch.int64)
+        if decoder_input_ids is not None:
+            given = torch.as_tensor(decoder_input_ids, dtype=torch.int64).reshape(B, -1)
+            prompt = given if (given[:, 0] == start).all() else torch.cat([prompt, given], dim=1)
+        options = resolve_options(
+            defaults,
+            prompt_length=prompt.shape[1],
+            is_encoder_decoder=True,
+            max_position_embeddings=self.max_source_positions,
+            **kwargs,
+        )
+        if options.max_length > self.max_source_positions:
+            raise InvalidArgumentError(
+                f"max_length {options.max_length} is past the decoder's {self.max_source_positions} positions; "
+                "lower max_new_tokens / max_length"
+            )
+        device = self.backend.device
+        encoded = self.backend.run(
+            "encoder", {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        )
+        decoder = GraphDecoder(self.backend, {**encoded, "encoder_mask": attention_mask.to(device)})
+        return generate_ids(decoder, prompt.to(device), options)
+
+    def generate_text(self, texts: str | list[str], truncation: bool = False, **kwargs) -> list[str]:
+        """Text in, text out. With num_return_sequences > 1 the outputs of one input are adjacent."""
+        if self.tokenizer is None:
+            raise InvalidArgumentError(f"bundle {self.bundle_dir} has no tokenizer; pass token ids to generate()")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        input_ids, mask = self.tokenizer.encode(texts, max_length=self.max_source_positions, truncation=truncation)
+        out = self.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        return self.tokenizer.decode(out.sequences)
+
+    def _check_source(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        if input_ids is None:
+            raise InputError("no input_ids were given")
+        try:
+            input_ids = torch.as_tensor(input_ids)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"input_ids must be a rectangular [batch, length] array of token ids ({e})") from None
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise InputError(
+                f"input_ids must be integer [batch, length], got {input_ids.dtype} {list(input_ids.shape)}"
+            )
+        input_ids = input_ids.to(torch.int64).cpu()
+        B, S = input_ids.shape
+        if B == 0 or S == 0:
+            raise InputError(f"input_ids is empty ({B} inputs of {S} tokens); give at least one token per input")
+        if S > self.max_source_positions:
+            raise InputError(
+                f"inputs are {S} tokens but the model takes at most {self.max_source_positions}; truncate them"
+            )
+        vocab = self.manifest.dims["encoder_vocab_size"]
+        if input_ids.min() < 0 or input_ids.max() >= vocab:
+            raise InputError(f"input_ids holds ids outside the vocabulary [0, {vocab})")
+        if attention_mask is None:
+            attention_mask = self._default_mask(input_ids)
+        attention_mask = torch.as_tensor(attention_mask).to(torch.int64).cpu()
+        if attention_mask.shape != input_ids.shape:
+            raise InputError(f"attention_mask {list(attention_mask.shape)} does not match input_ids {[B, S]}")
+        if (attention_mask.sum(dim=1) == 0).any():
+            raise InputError("an input has an all-zero attention_mask (no tokens); remove it or give tokens")
+        return input_ids, attention_mask
+
+    def _default_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """HF's rule: mask out the pad token when it occurs and is not also an eos token."""
+        pad = self.manifest.special_tokens.get("pad_token_id")
+        eos = self.manifest.special_tokens.get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) else (eos or [])
+        if pad is not None and pad not in eos and (input_ids == pad).any():
+            return input_ids.ne(pad).to(torch.int64)
+        return torch.ones_like(input_ids)

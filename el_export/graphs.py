@@ -1,0 +1,122 @@
+"""The exported graphs: each module keeps its forward, IO names, dtypes, axes and sample inputs together.
+
+Contracts (DESIGN.md section 3); N = B x k rows, t = tokens already decoded (may be 0):
+
+    encoder (el):  input_ids [B, S], attention_mask [B, S] -> encoder_hidden [B, S, d]
+    encoder (kv):  ... -> encoder_hidden, cross_kv [L, 2, B, h, S, dh]
+    decoder_step (el): input_ids [N, 1], encoder_hidden [B, S, d], encoder_mask [B, S],
+                       past_hidden [L, N, t, d] -> logits [N, V], present_hidden [L, N, t+1, d]
+    decoder_step (kv): input_ids [N, 1], cross_kv [L, 2, N, h, S, dh], encoder_mask [N, S],
+                       past_kv [L, 2, N, h, t, dh] -> logits [N, V], present_kv [L, 2, N, h, t+1, dh]
+
+Symbolic axis names: "batch" (B), "rows" (N), "source" (S), "past" (t), "past+1" (t+1).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from el_export.seq2seq import MODES, Seq2SeqLM
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: ints are fixed sizes, strings are symbolic (dynamic) axes."""
+
+    name: str
+    dtype: str
+    shape: tuple
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TensorSpec":
+        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+
+
+# Sizes used to trace. Each dynamic axis gets a distinct value >= 2 so that the exporter can neither
+# specialise it (0/1) nor unify it with another axis of the same size.
+SAMPLE_SIZES = {"batch": 2, "rows": 6, "source": 5, "past": 3}
+
+
+class EncoderGraph(nn.Module):
+    name = "encoder"
+
+    def __init__(self, model: Seq2SeqLM, mode: str):
+        super().__init__()
+        assert mode in MODES
+        self.model, self.mode = model, mode
+        spec = model.spec
+        d, L, h, dh = spec.d_model, spec.decoder_layers, spec.decoder.n_heads, spec.decoder.d_head
+        self.inputs = (
+            TensorSpec("input_ids", "int64", ("batch", "source")),
+            TensorSpec("attention_mask", "int64", ("batch", "source")),
+        )
+        outputs = [TensorSpec("encoder_hidden", "float32", ("batch", "source", d))]
+        if mode == "kv":
+            outputs.append(TensorSpec("cross_kv", "float32", (L, 2, "batch", h, "source", dh)))
+        self.outputs = tuple(outputs)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.model.encoder(input_ids, attention_mask)
+        if self.mode == "el":
+            return hidden
+        return hidden, self.model.cross_keys_values(hidden)
+
+
+class DecoderStepGraph(nn.Module):
+    name = "decoder_step"
+
+    def __init__(self, model: Seq2SeqLM, mode: str):
+        super().__init__()
+        assert mode in MODES
+        self.model, self.mode = model, mode
+        spec = model.spec
+        d, L, h, dh, V = spec.d_model, spec.decoder_layers, spec.decoder.n_heads, spec.decoder.d_head, spec.vocab_size
+        ids = TensorSpec("input_ids", "int64", ("rows", 1))
+        logits = TensorSpec("logits", "float32", ("rows", V))
+        if mode == "el":
+            self.inputs = (
+                ids,
+                TensorSpec("encoder_hidden", "float32", ("batch", "source", d)),
+                TensorSpec("encoder_mask", "int64", ("batch", "source")),
+                TensorSpec("past_hidden", "float32", (L, "rows", "past", d)),
+            )
+            self.outputs = (logits, TensorSpec("present_hidden", "float32", (L, "rows", "past+1", d)))
+        else:
+            self.inputs = (
+                ids,
+                TensorSpec("cross_kv", "float32", (L, 2, "rows", h, "source", dh)),
+                TensorSpec("encoder_mask", "int64", ("rows", "source")),
+                TensorSpec("past_kv", "float32", (L, 2, "rows", h, "past", dh)),
+            )
+            self.outputs = (logits, TensorSpec("present_kv", "float32", (L, 2, "rows", h, "past+1", dh)))
+
+    def forward(self, input_ids, memory, encoder_mask, past):
+        step = self.model.step_el if self.mode == "el" else self.model.step_kv
+        return step(input_ids, memory, encoder_mask, past)
+
+
+def graphs_for(model: Seq2SeqLM, mode: str) -> list[nn.Module]:
+    return [EncoderGraph(model, mode), DecoderStepGraph(model, mode)]
+
+
+def sample_inputs(graph: nn.Module, sizes: dict[str, int] | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random inputs that satisfy a graph's contract (masks all ones but the last input's tail)."""
+    sizes = {**SAMPLE_SIZES, **(sizes or {})}
+    generator = torch.Generator().manual_seed(seed)
+    vocab = graph.model.spec.vocab_size
+    tensors = []
+    for spec in graph.inputs:
+        shape = [sizes[a] if isinstance(a, str) else a for a in spec.shape]
+        if spec.name == "input_ids":
+            tensors.append(torch.randint(0, vocab, shape, generator=generator))
+        elif spec.dtype == "int64":  # masks: pad the tail of the last row, keep the first position
+            mask = torch.ones(shape, dtype=torch.int64)
+            mask[-1, max(1, shape[1] // 2) :] = 0
+            tensors.append(mask)
+        else:
+            tensors.append(torch.randn(shape, generator=generator))
+    return tuple(tensors)

@@ -1,0 +1,83 @@
+"""The backend interface: run one graph of a bundle on torch tensors that stay on the device.
+
+The base class checks inputs against the manifest's contract and allocates outputs from the
+symbolic axes it resolved; a backend fills in `_run_impl` (and says which device it uses).
+"""
+
+import re
+
+import torch
+
+from el_export.bundle import GraphEntry, Manifest
+from el_export.errors import BackendError, InputError
+
+DTYPES = {"int64": torch.int64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DERIVED = re.compile(r"^(\w+)\+(\d+)$")  # "past+1": an axis defined by another one
+
+
+def resolve_axes(graph: GraphEntry, feeds: dict[str, torch.Tensor], graph_name: str) -> dict[str, int]:
+    """Bind every symbolic axis of a graph's inputs to a size, checking that they agree."""
+    axes: dict[str, int] = {}
+    for spec in graph.inputs:
+        tensor = feeds.get(spec.name)
+        if tensor is None:
+            raise BackendError(f"{graph_name}: input {spec.name!r} was not given")
+        if tensor.dtype != DTYPES[spec.dtype]:
+            raise BackendError(f"{graph_name}: input {spec.name!r} is {tensor.dtype}, the graph takes {spec.dtype}")
+        if tensor.dim() != len(spec.shape):
+            raise BackendError(
+                f"{graph_name}: input {spec.name!r} has {tensor.dim()} dims, expected {list(spec.shape)}"
+            )
+        for axis, size in zip(spec.shape, tensor.shape, strict=True):
+            if isinstance(axis, int):
+                if size != axis:
+                    raise BackendError(
+                        f"{graph_name}: input {spec.name!r} has size {size} where the graph fixes {axis}"
+                    )
+            elif axes.setdefault(axis, size) != size:
+                raise BackendError(
+                    f"{graph_name}: axis {axis!r} is {size} in {spec.name!r} but {axes[axis]} in an earlier input"
+                )
+    return axes
+
+
+def output_shape(shape: tuple, axes: dict[str, int]) -> list[int]:
+    out = []
+    for axis in shape:
+        if isinstance(axis, int):
+            out.append(axis)
+        elif axis in axes:
+            out.append(axes[axis])
+        elif (m := _DERIVED.match(axis.replace(" ", ""))) and m.group(1) in axes:
+            out.append(axes[m.group(1)] + int(m.group(2)))
+        else:
+            raise BackendError(f"output axis {axis!r} cannot be derived from the inputs")
+    return out
+
+
+class Backend:
+    """Runs the graphs of one bundle. Tensors in and out are torch tensors on `self.device`."""
+
+    name = "base"
+
+    def __init__(self, bundle_dir, manifest: Manifest, device: str = "cpu"):
+        self.bundle_dir, self.manifest, self.device = bundle_dir, manifest, torch.device(device)
+
+    def run(self, graph_name: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run a graph. Inputs are checked against the contract; outputs are allocated here."""
+        graph = self.manifest.graphs[graph_name]
+        axes = resolve_axes(graph, feeds, graph_name)
+        for name, tensor in feeds.items():
+            if tensor.device != self.device:
+                raise InputError(
+                    f"{graph_name}: input {name!r} is on {tensor.device}, the backend runs on {self.device}"
+                )
+        outputs = {
+            spec.name: torch.empty(output_shape(spec.shape, axes), dtype=DTYPES[spec.dtype], device=self.device)
+            for spec in graph.outputs
+        }
+        self._run_impl(graph_name, {k: v.contiguous() for k, v in feeds.items()}, outputs)
+        return outputs
+
+    def _run_impl(self, graph_name: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError

@@ -1,0 +1,55 @@
+"""The step decoder over a bundle's `decoder_step` graph, for any backend and either mode.
+
+Driven by the manifest: step inputs named `past_*` are caches fed back from the matching
+`present_*` outputs and gathered on the device when beams reorder; every other input is context
+from the encoder. Context whose contract axis is "batch" is passed once per input (EL: the encoder
+output is never repeated per beam); context on the "rows" axis (the K/V baseline's cross K/V and
+mask) is repeated per row once, at start.
+"""
+
+import torch
+
+from el_export.runtime.base import DTYPES, Backend
+
+
+class GraphDecoder:
+    """Implements `el_export.search.decoder.StepDecoder` on a backend."""
+
+    def __init__(self, backend: Backend, context: dict[str, torch.Tensor]):
+        self.backend = backend
+        self.graph = backend.manifest.graphs["decoder_step"]
+        self.context = context
+        self.state: dict[str, torch.Tensor] = {}
+
+    def start(self, prompt_ids: torch.Tensor, rows_per_input: int) -> torch.Tensor:
+        k = rows_per_input
+        B = prompt_ids.shape[0]
+        device = self.backend.device
+        self.state = {}
+        for spec in self.graph.inputs:
+            if spec.name == "input_ids":
+                continue
+            if spec.name.startswith("past_"):
+                shape = [0 if a == "past" else B * k if a == "rows" else a for a in spec.shape]
+                self.state[spec.name] = torch.zeros(shape, dtype=DTYPES[spec.dtype], device=device)
+            elif "rows" in spec.shape:
+                self.state[spec.name] = self.context[spec.name].repeat_interleave(k, dim=spec.shape.index("rows"))
+            else:
+                self.state[spec.name] = self.context[spec.name]
+        rows = prompt_ids.to(device).repeat_interleave(k, dim=0)  # [N, P]
+        for p in range(rows.shape[1]):
+            logits = self.step(rows[:, p : p + 1])
+        return logits
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        outputs = self.backend.run("decoder_step", {"input_ids": input_ids, **self.state})
+        for name in self.state:
+            if name.startswith("past_"):
+                self.state[name] = outputs["present_" + name.removeprefix("past_")]
+        return outputs["logits"]
+
+    def reorder(self, row_indices: torch.Tensor) -> None:
+        row_indices = row_indices.to(self.backend.device)
+        for spec in self.graph.inputs:
+            if spec.name.startswith("past_"):
+                self.state[spec.name] = self.state[spec.name].index_select(spec.shape.index("rows"), row_indices)

@@ -1,0 +1,49 @@
+"""ONNX Runtime backend: IO binding on torch buffers, so caches never leave the device between steps."""
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from el_export.errors import BackendError
+from el_export.runtime.base import Backend
+
+_NUMPY = {torch.int64: np.int64, torch.float32: np.float32, torch.float16: np.float16}
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, bundle_dir, manifest, device: str = "cpu", threads: int | None = None):
+        super().__init__(bundle_dir, manifest, device)
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendError("onnxruntime has no CUDA provider here; on a GPU host: pip install onnxruntime-gpu")
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0})]
+        elif self.device.type == "cpu":
+            providers = ["CPUExecutionProvider"]
+        else:
+            raise BackendError(f"the onnxruntime backend runs on cpu or cuda, not {self.device}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        self.sessions = {}
+        for name, graph in manifest.graphs.items():
+            path = Path(bundle_dir) / graph.file
+            try:
+                self.sessions[name] = ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as e:  # ORT raises its own exception types for corrupted / truncated files
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise BackendError(f"onnxruntime cannot load {path}: {first}") from None
+
+    def _run_impl(self, graph_name, feeds, outputs):
+        binding = self.sessions[graph_name].io_binding()
+        kind, index = self.device.type, self.device.index or 0
+        for name, tensor in feeds.items():
+            binding.bind_input(name, kind, index, _NUMPY[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        for name, tensor in outputs.items():
+            binding.bind_output(name, kind, index, _NUMPY[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        self.sessions[graph_name].run_with_iobinding(binding)

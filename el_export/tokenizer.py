@@ -1,0 +1,54 @@
+"""Text <-> ids at run time from the bundle's tokenizer.json (the `tokenizers` library, no transformers)."""
+
+from pathlib import Path
+
+import torch
+
+from el_export.errors import InputError
+
+
+class Tokenizer:
+    def __init__(self, path: Path, pad_token_id: int | None, padding_side: str = "right"):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._tok = HFTokenizer.from_file(str(path))
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self._truncating = HFTokenizer.from_file(str(path))  # its own object: encode() stays thread-safe
+        self._truncating.no_padding()
+        self.pad_token_id = 0 if pad_token_id is None else pad_token_id
+        self.padding_side = padding_side
+
+    def encode(self, texts: list[str], max_length: int | None = None, truncation: bool = False):
+        """Texts -> (input_ids, attention_mask) int64 [B, S], padded on `padding_side`.
+
+        Raises:
+            InputError: an empty text, or one longer than max_length without truncation.
+        """
+        if not texts:
+            raise InputError("no input texts were given")
+        encoded = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(f"input {i} is empty; give non-empty text")
+            ids = self._tok.encode(text).ids
+            if max_length is not None and len(ids) > max_length:
+                if not truncation:
+                    raise InputError(
+                        f"input {i} is {len(ids)} tokens but the model takes at most {max_length}; "
+                        "shorten it or pass truncation=True (--truncate) to cut it"
+                    )
+                self._truncating.enable_truncation(max_length)
+                ids = self._truncating.encode(text).ids  # cuts the text, keeps the special tokens
+            encoded.append(ids)
+        S = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), S), self.pad_token_id, dtype=torch.int64)
+        mask = torch.zeros((len(encoded), S), dtype=torch.int64)
+        for i, ids in enumerate(encoded):
+            cols = slice(S - len(ids), S) if self.padding_side == "left" else slice(0, len(ids))
+            input_ids[i, cols] = torch.tensor(ids, dtype=torch.int64)
+            mask[i, cols] = 1
+        return input_ids, mask
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [self._tok.decode(row, skip_special_tokens=True) for row in ids.tolist()]
