@@ -1,0 +1,92 @@
+"""Seeded tiny random-init checkpoints: the embedded default of the demo and the models of the tests.
+
+Random weights, so their text is gibberish; what they prove is that the exported graphs and the
+runtime give exactly the tokens of HF `generate` on the same weights. The weights are drawn with a
+large init std so that next-token logits are well separated (no near-ties for parity to trip on).
+"""
+
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Exported graphs must give the same tokens as the original model.",
+    "Memory efficient attention keeps one copy of the encoder output per input.",
+    "Beam search keeps several hypotheses and reorders their caches at every step.",
+    "Speech recognition, translation and summarization all decode one token at a time.",
+]
+
+# model_type -> HF config class name and the special tokens its tiny checkpoint uses.
+_FAMILIES = {
+    "bart": ("BartConfig", {"decoder_start_token_id": 2}),
+    "mbart": ("MBartConfig", {}),
+    "marian": ("MarianConfig", {"decoder_start_token_id": 1, "forced_eos_token_id": 2}),
+    "pegasus": ("PegasusConfig", {"pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}),
+}
+FAMILIES = tuple(_FAMILIES)
+
+
+def tiny_config(family: str, vocab_size: int = 96, **overrides):
+    import transformers
+
+    class_name, tokens = _FAMILIES[family]
+    ids = {"bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2, **tokens}
+    if family == "marian":
+        ids["decoder_vocab_size"] = vocab_size
+    config = dict(
+        vocab_size=vocab_size,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        init_std=0.5,
+        **ids,
+    )
+    return getattr(transformers, class_name)(**{**config, **overrides})
+
+
+def tiny_model(family: str, seed: int = 0, vocab_size: int = 96, **overrides):
+    """A seeded random-init HF seq2seq model of `family`, in eval mode."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForSeq2SeqLM.from_config(tiny_config(family, vocab_size, **overrides)).eval()
+    with torch.no_grad():  # a non-zero final_logits_bias, so the export must carry it
+        model.final_logits_bias.normal_(0.0, 0.5)
+    return model
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on CORPUS with BART's special tokens at BART's ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def write_tiny_checkpoint(directory: str | Path, family: str = "bart", seed: int = 0) -> Path:
+    """Save a seeded tiny model of `family` with a trained tokenizer as an HF checkpoint directory."""
+    directory = Path(directory)
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(family, seed=seed, vocab_size=len(tokenizer))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
