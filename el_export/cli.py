@@ -253,10 +253,10 @@ def _print_table(title: str, columns: tuple[str, ...], rows) -> None:
 
     table = Table(title=title, title_justify="left")
     for column in columns:
-        table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=40)
+        table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=36)
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # pipes get the whole table
 
 
 if __name__ == "__main__":

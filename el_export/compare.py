@@ -16,8 +16,10 @@ import torch
 from el_export.errors import InvalidArgumentError
 from el_export.graphs import graphs_for, sample_inputs
 
-# Per-output tolerances for graph comparison (fp32 graphs vs fp32 PyTorch).
-GRAPH_TOLERANCE = {"float32": {"atol": 1e-4, "rtol": 1e-3}}
+# Graph vs PyTorch tolerance, per output: |a - b| <= atol + rtol |b| with atol = scale x the output's
+# peak magnitude. EL regroups sums (dot products of width d instead of d_h): on the tiny test models
+# (init std 0.5) fp32 PyTorch EL itself sits ~2e-5 x peak from a float64 evaluation, K/V ~4e-6 x peak.
+GRAPH_TOLERANCE = {"float32": {"scale": 5e-5, "rtol": 1e-3}}
 SCORE_TOLERANCE = 1e-4  # |sequences_scores - HF|, fp32
 COMPARE_SIZES = (
     {"batch": 1, "rows": 1, "source": 1, "past": 0},
@@ -54,7 +56,8 @@ def _torch_runner(module: torch.nn.Module, graph):
         def get_input_metadata_impl(self):
             meta = TensorMetadata()
             for spec in graph.inputs:
-                meta.add(spec.name, dtype=torch.int64 if spec.dtype == "int64" else torch.float32, shape=None)
+                shape = [None if isinstance(a, str) else a for a in spec.shape]
+                meta.add(spec.name, dtype=torch.int64 if spec.dtype == "int64" else torch.float32, shape=shape)
             return meta
 
         def infer_impl(self, feed_dict):
@@ -85,7 +88,8 @@ def compare_graphs(bundle_dir, manifest, model: torch.nn.Module, backend: str = 
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.ERROR
+    G_LOGGER.colors = False
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL  # the table below reports the outcome
     checks = []
     for graph in graphs_for(model, manifest.mode):
         tol = GRAPH_TOLERANCE[manifest.dtype]
@@ -97,15 +101,20 @@ def compare_graphs(bundle_dir, manifest, model: torch.nn.Module, backend: str = 
         ]
         runners = [backend_runner(backend, bundle_dir, manifest.graphs[graph.name].file), _torch_runner(graph, graph)]
         results = Comparator.run(runners, data_loader=feeds)
+        reference = results[1][1]
+        atol = {
+            s.name: tol["scale"] * max(1.0, max(float(abs(r[s.name]).max()) for r in reference)) for s in graph.outputs
+        }
         accuracy = Comparator.compare_accuracy(
-            results, compare_func=CompareFunc.simple(atol=tol["atol"], rtol=tol["rtol"], check_shapes=True)
+            results, compare_func=CompareFunc.simple(atol=atol, rtol=tol["rtol"], check_shapes=True)
         )
         worst = _worst_error(results)
+        bounds = ", ".join(f"{name} atol {value:.1e}" for name, value in atol.items())
         checks.append(
             Check(
                 f"graph {graph.name} ({backend} vs torch)",
                 bool(accuracy),
-                f"{len(feeds)} shapes, max abs error {worst:.2e} (atol {tol['atol']}, rtol {tol['rtol']})",
+                f"{len(feeds)} shapes, max abs error {worst:.2e} ({bounds}, rtol {tol['rtol']})",
             )
         )
     return checks

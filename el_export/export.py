@@ -48,6 +48,9 @@ def load_checkpoint(model: str):
         UnsupportedModelError: the architecture is not supported (with the reason).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     local = Path(model).expanduser()
     if local.exists():

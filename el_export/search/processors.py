@@ -1,0 +1,209 @@
+"""HF's logits processors as plain torch callables, built in the order `_get_logits_processor` builds them.
+
+Each one is written to give bit-identical results to its transformers 5.23 counterpart (same ops in the
+same order), because "same tokens as HF on the same logits" is the bar. Run time never imports
+transformers; the tests compare against it.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from el_export.errors import InvalidArgumentError
+from el_export.search.options import GenerationOptions
+
+Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(ids int64 [N, T], scores float32 [N, V]) -> processed scores [N, V]. T is the current length."""
+
+_NEG_INF = -float("inf")
+
+
+def repetition_penalty(penalty: float, prompt_ignore_length: torch.Tensor | None) -> Processor:
+    """Divide positive / multiply negative scores of tokens already in the row (left padding excluded)."""
+
+    def apply(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        V = scores.shape[-1]
+        if prompt_ignore_length is not None:
+            positions = torch.arange(ids.shape[1], device=ids.device)
+            ids = ids.masked_fill(positions[None, :] < prompt_ignore_length[:, None], V)
+        ids = ids.clamp(max=V)  # ids past the head go to a spare column that is dropped below
+        padded = torch.nn.functional.pad(scores, (0, 1))  # [N, V + 1]
+        picked = torch.gather(padded, 1, ids)  # [N, T]
+        picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+        return padded.scatter(1, ids, picked)[..., :V]
+
+    return apply
+
+
+def no_repeat_ngram(ngram_size: int) -> Processor:
+    """Ban every token that would complete an n-gram already present in the row."""
+
+    def apply(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        T = ids.shape[-1]
+        if T < ngram_size:
+            return scores
+        prefix = ids[:, T + 1 - ngram_size :]  # [N, n - 1]
+        windows = ids.unfold(dimension=1, size=ngram_size, step=1)  # [N, T - n + 1, n]
+        matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)  # [N, T - n + 1]
+        V = scores.shape[-1]
+        banned = scores.new_zeros((scores.shape[0], V + 1), dtype=torch.bool)  # spare column: no ban
+        banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=V), V), True)
+        return scores.masked_fill(banned[:, :V], _NEG_INF)
+
+    return apply
+
+
+def bad_words(words: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> Processor:
+    """Ban single tokens always, and a sequence's last token when the row ends with the rest of it."""
+    too_large = sorted({token for word in words for token in word if token >= vocab_size})
+    if too_large:
+        raise InvalidArgumentError(
+            f"`bad_words_ids` has ids {too_large} outside the vocabulary of {vocab_size}; remove them."
+        )
+    single_bias = torch.zeros(vocab_size, device=device)  # [V]
+    single_bias[[word[0] for word in words if len(word) == 1]] = _NEG_INF
+    by_prefix_length: dict[int, list[tuple[int, ...]]] = {}
+    for word in dict.fromkeys(tuple(word) for word in words if len(word) > 1):
+        by_prefix_length.setdefault(len(word) - 1, []).append(word)
+    groups = [
+        (
+            torch.tensor([word[:-1] for word in group], device=device),  # [G, L]
+            torch.tensor([word[-1] for word in group], device=device),  # [G]
+            torch.full((len(group),), _NEG_INF, device=device),  # [G]
+        )
+        for group in by_prefix_length.values()
+    ]
+
+    def apply(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bias = torch.zeros_like(scores)
+        bias += single_bias
+        for prefixes, last_tokens, ban in groups:
+            L = prefixes.shape[1]
+            if L > ids.shape[1]:
+                continue
+            matching = (ids[:, None, -L:] == prefixes).all(dim=-1)  # [N, G]
+            bias.index_add_(1, last_tokens, torch.where(matching, ban, 0.0))
+        return scores + bias
+
+    return apply
+
+
+def suppress(token_mask: torch.Tensor, when: Callable[[int], bool]) -> Processor:
+    """Set the masked tokens to -inf at the lengths `when` accepts (min length, suppress, begin-suppress)."""
+
+    def apply(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return torch.where(token_mask, _NEG_INF, scores) if when(ids.shape[-1]) else scores
+
+    return apply
+
+
+def force(token_ids: Sequence[int], at_length: int) -> Processor:
+    """At one length, leave only the given tokens possible (score 0, all others -inf)."""
+    token_ids = list(token_ids)
+
+    def apply(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if ids.shape[-1] != at_length:
+            return scores
+        forced = torch.full_like(scores, _NEG_INF)
+        forced[:, token_ids] = 0
+        return forced
+
+    return apply
+
+
+def temperature(value: float) -> Processor:
+    return lambda ids, scores: scores / value
+
+
+def top_k(k: int, min_tokens_to_keep: int) -> Processor:
+    """Keep the k best tokens (ties with the k-th are kept too)."""
+    k = max(k, min_tokens_to_keep)
+
+    def apply(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        kth_best = torch.topk(scores, min(k, scores.size(-1)))[0][..., -1, None]  # [N, 1]
+        return scores.masked_fill(scores < kth_best, _NEG_INF)
+
+    return apply
+
+
+def top_p(p: float, min_tokens_to_keep: int) -> Processor:
+    """Keep the smallest set of best tokens whose probability mass exceeds p."""
+
+    def apply(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        sorted_scores, sorted_indices = torch.sort(scores, descending=False)  # [N, V] ascending
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        sorted_remove = cumulative <= (1 - p)
+        sorted_remove[..., -min_tokens_to_keep:] = 0
+        remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
+        return scores.masked_fill(remove, _NEG_INF)
+
+    return apply
+
+
+def _token_mask(token_ids: Sequence[int], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """bool [V]; ids outside the vocabulary are ignored, as `torch.isin` over the vocab ignores them in HF."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    mask[[token for token in token_ids if token < vocab_size]] = True
+    return mask
+
+
+def build_processors(
+    options: GenerationOptions,
+    *,
+    prompt_length: int,
+    prompt_ignore_length: torch.Tensor | None,
+    vocab_size: int,
+    device: torch.device,
+) -> list[Processor]:
+    """The processors HF `_get_logits_processor` builds for these options, in HF's order.
+
+    Args:
+        options: resolved options.
+        prompt_length: P, the decoder prompt length.
+        prompt_ignore_length: int64 [N], left-padding length of each row's prompt, which the repetition
+            penalty skips (decoder-only prompts; None for encoder-decoder, as HF).
+        vocab_size: V, the width of the logits.
+        device: where the logits live; constant tensors are put there once.
+
+    Returns:
+        Processors to apply in order.
+
+    Raises:
+        InvalidArgumentError: a forced or banned token id is outside the vocabulary.
+    """
+    for name in ("forced_bos_token_id", "forced_eos_token_id"):
+        forced = getattr(options, name)
+        if forced is not None and max(forced if isinstance(forced, tuple) else (forced,)) >= vocab_size:
+            raise InvalidArgumentError(f"`{name}` {forced} is outside the vocabulary of {vocab_size}.")
+    processors: list[Processor] = []
+    if options.repetition_penalty != 1.0:
+        processors.append(repetition_penalty(options.repetition_penalty, prompt_ignore_length))
+    if options.no_repeat_ngram_size > 0:
+        processors.append(no_repeat_ngram(options.no_repeat_ngram_size))
+    if options.bad_words_ids is not None:
+        processors.append(bad_words(options.bad_words_ids, vocab_size, device))
+    eos = options.eos_token_id
+    if eos is not None and options.min_length > 0:
+        # HF's MinLength and MinNewTokens processors: min_length already includes min_new_tokens + P.
+        min_length = options.min_length
+        processors.append(suppress(_token_mask(eos, vocab_size, device), lambda T: T < min_length))
+    if options.forced_bos_token_id is not None:
+        processors.append(force([options.forced_bos_token_id], at_length=1))
+    if options.forced_eos_token_id is not None:
+        processors.append(force(options.forced_eos_token_id, at_length=options.max_length - 1))
+    if options.suppress_tokens is not None:
+        processors.append(suppress(_token_mask(options.suppress_tokens, vocab_size, device), lambda T: True))
+    if options.begin_suppress_tokens is not None:
+        begin = prompt_length + (1 if prompt_length <= 1 and options.forced_bos_token_id is not None else 0)
+        mask = _token_mask(options.begin_suppress_tokens, vocab_size, device)
+        processors.append(suppress(mask, lambda T: T == begin))
+    if options.do_sample:
+        # Beams keep one more token than there are eos ids, so a beam can always continue.
+        min_keep = (len(eos) if eos else 1) + 1 if options.num_beams > 1 else 1
+        if options.temperature != 1.0:
+            processors.append(temperature(options.temperature))
+        if options.top_k != 0:
+            processors.append(top_k(options.top_k, min_keep))
+        if options.top_p < 1.0:
+            processors.append(top_p(options.top_p, min_keep))
+    return processors
