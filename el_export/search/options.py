@@ -183,7 +183,7 @@ class GenerationOptions:
             if forced and self.suppress_tokens is not None and forced <= set(self.suppress_tokens):
                 _fail(f"every token of `{name}` is also in `suppress_tokens`; remove it from one of them.")
 
-    def _checked_bad_words(self) -> tuple[tuple[int, ...], ...]:
+    def _checked_bad_words(self) -> tuple[tuple[int, ...], ...] | None:
         """HF's NoBadWordsLogitsProcessor checks, then drops entries that are a single eos token."""
         words = self.bad_words_ids
         if (
@@ -194,9 +194,7 @@ class GenerationOptions:
             _fail(f"`bad_words_ids` must be a non-empty list of non-empty lists of token ids, got {words!r}.")
         words = tuple(_token_ids("bad_words_ids", list(word)) for word in words)
         kept = tuple(word for word in words if not (len(word) == 1 and word[0] in (self.eos_token_id or ())))
-        if not kept:
-            _fail("`bad_words_ids` only bans eos tokens, which HF ignores; use min_new_tokens to delay eos.")
-        return kept
+        return kept or None
 
 
 _FIELDS = frozenset(field.name for field in fields(GenerationOptions))
