@@ -97,9 +97,9 @@ def suppress(token_mask: torch.Tensor, when: Callable[[int], bool]) -> Processor
     return apply
 
 
-def force(token_ids: Sequence[int], at_length: int) -> Processor:
+def force(token_ids: Sequence[int], at_length: int, device: torch.device) -> Processor:
     """At one length, leave only the given tokens possible (score 0, all others -inf)."""
-    token_ids = list(token_ids)
+    token_ids = torch.tensor(token_ids, device=device)
 
     def apply(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if ids.shape[-1] != at_length:
@@ -188,9 +188,9 @@ def build_processors(
         min_length = options.min_length
         processors.append(suppress(_token_mask(eos, vocab_size, device), lambda T: T < min_length))
     if options.forced_bos_token_id is not None:
-        processors.append(force([options.forced_bos_token_id], at_length=1))
+        processors.append(force([options.forced_bos_token_id], 1, device))
     if options.forced_eos_token_id is not None:
-        processors.append(force(options.forced_eos_token_id, at_length=options.max_length - 1))
+        processors.append(force(options.forced_eos_token_id, options.max_length - 1, device))
     if options.suppress_tokens is not None:
         processors.append(suppress(_token_mask(options.suppress_tokens, vocab_size, device), lambda T: True))
     if options.begin_suppress_tokens is not None:
