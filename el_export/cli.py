@@ -235,8 +235,8 @@ def _demo(args) -> int:
         print(json.dumps([vars(r) for r in rows], indent=2))
     else:
         table = [
-            (r.text, repr(r.output), "yes" if r.same_as_hf else "NO", f"{r.seconds['el']:.3f}s", f"{r.seconds['kv']:.3f}s",
-             human_bytes(r.cache_bytes["el"]), human_bytes(r.cache_bytes["kv"]))
+            (r.text, repr(r.output), "yes" if r.same_as_hf else "NO", f"{r.seconds['el']:.3f}s",
+             f"{r.seconds['kv']:.3f}s", human_bytes(r.cache_bytes["el"]), human_bytes(r.cache_bytes["kv"]))
             for r in rows
         ]  # fmt: skip
         _print_table(

@@ -40,7 +40,7 @@ class Generator:
 
         Args:
             input_ids: int64 [B, S] source token ids (tensor or nested lists).
-            attention_mask: int64 [B, S]; derived from the pad token as HF does when omitted.
+            attention_mask: int64 [B, S]; all ones when omitted, as HF does for encoder-decoders.
             decoder_input_ids: int64 [B, P] decoder prompt; decoder_start_token_id is prepended
                 when it does not already start it.
             **kwargs: HF generation arguments (num_beams, max_new_tokens, length_penalty, ...).
@@ -117,20 +117,11 @@ class Generator:
         vocab = self.manifest.dims["encoder_vocab_size"]
         if input_ids.min() < 0 or input_ids.max() >= vocab:
             raise InputError(f"input_ids holds ids outside the vocabulary [0, {vocab})")
-        if attention_mask is None:
-            attention_mask = self._default_mask(input_ids)
+        if attention_mask is None:  # HF: encoder-decoders attend to every token, pads included
+            attention_mask = torch.ones_like(input_ids)
         attention_mask = torch.as_tensor(attention_mask).to(torch.int64).cpu()
         if attention_mask.shape != input_ids.shape:
             raise InputError(f"attention_mask {list(attention_mask.shape)} does not match input_ids {[B, S]}")
         if (attention_mask.sum(dim=1) == 0).any():
             raise InputError("an input has an all-zero attention_mask (no tokens); remove it or give tokens")
         return input_ids, attention_mask
-
-    def _default_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """HF's rule: mask out the pad token when it occurs and is not also an eos token."""
-        pad = self.manifest.special_tokens.get("pad_token_id")
-        eos = self.manifest.special_tokens.get("eos_token_id")
-        eos = [eos] if isinstance(eos, int) else (eos or [])
-        if pad is not None and pad not in eos and (input_ids == pad).any():
-            return input_ids.ne(pad).to(torch.int64)
-        return torch.ones_like(input_ids)

@@ -1,0 +1,126 @@
+"""EL attention equals standard attention: same function, other order (DESIGN.md section 1)."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from el_export.attention import MultiHeadAttention, additive_mask, el_attend
+from el_export.layers import DecoderLayer, LayerSpec
+
+TOL = 1e-5  # fp32 max abs difference
+
+
+def _attention(d, h, bias, seed):
+    torch.manual_seed(seed)
+    attn = MultiHeadAttention(d, h, d // h, bias=bias, scale=(d // h) ** -0.5)
+    if bias:  # make the biases matter: they are what EL handles specially
+        with torch.no_grad():
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+                lin.bias.normal_(0, 1)
+    return attn.eval()
+
+
+def _padding_mask(B, S, g):
+    lengths = torch.randint(1, S + 1, (B,), generator=g)
+    return (torch.arange(S)[None, :] < lengths[:, None]).to(torch.int64)
+
+
+shapes = st.fixed_dictionaries(
+    {
+        "B": st.integers(1, 3),
+        "k": st.integers(1, 4),
+        "T": st.integers(1, 3),
+        "S": st.integers(1, 9),
+        "heads": st.sampled_from([1, 2, 4]),
+        "d_per_head": st.sampled_from([2, 4, 8]),
+        "bias": st.booleans(),
+        "seed": st.integers(0, 10_000),
+    }
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes)
+def test_el_cross_attention_equals_standard(p):
+    """Expanded queries of all beams against one shared H == per-beam K/V from H repeated per beam."""
+    B, k, T, S, h = p["B"], p["k"], p["T"], p["S"], p["heads"]
+    d = h * p["d_per_head"]
+    attn = _attention(d, h, p["bias"], p["seed"])
+    g = torch.Generator().manual_seed(p["seed"])
+    x = torch.randn(B * k, T, d, generator=g)
+    memory = torch.randn(B, S, d, generator=g)
+    mask = _padding_mask(B, S, g)
+    with torch.no_grad():
+        k_, v_ = attn.keys_values(memory.repeat_interleave(k, 0))
+        bias = additive_mask(mask.repeat_interleave(k, 0), x.dtype)[:, None, None, :]
+        standard = attn.attend_kv(x, k_, v_, bias)
+        ctx = el_attend(attn.expand_query(x), shared=memory, shared_bias=additive_mask(mask, x.dtype)[:, None, :])
+        el = attn.el_output(ctx, T)
+    assert (el - standard).abs().max() <= TOL
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes)
+def test_el_attention_over_shared_and_row_memory_equals_standard(p):
+    """One softmax over a shared prompt (once per input) + per-row history == standard over their concat."""
+    B, k, T, S, h = p["B"], p["k"], p["T"], p["S"], p["heads"]
+    d = h * p["d_per_head"]
+    attn = _attention(d, h, p["bias"], p["seed"])
+    g = torch.Generator().manual_seed(p["seed"] + 1)
+    N, R = B * k, T + 2
+    x = torch.randn(N, T, d, generator=g)
+    shared = torch.randn(B, S, d, generator=g)
+    rows = torch.randn(N, R, d, generator=g)
+    mask = _padding_mask(B, S, g)
+    with torch.no_grad():
+        memory = torch.cat([shared.repeat_interleave(k, 0), rows], dim=1)
+        full_mask = torch.cat([mask.repeat_interleave(k, 0), torch.ones(N, R, dtype=torch.int64)], dim=1)
+        k_, v_ = attn.keys_values(memory)
+        standard = attn.attend_kv(x, k_, v_, additive_mask(full_mask, x.dtype)[:, None, None, :])
+        ctx = el_attend(
+            attn.expand_query(x),
+            shared=shared,
+            shared_bias=additive_mask(mask, x.dtype)[:, None, :],
+            rows=rows,
+        )
+        el = attn.el_output(ctx, T)
+    assert (el - standard).abs().max() <= TOL
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {
+            "B": st.integers(1, 3),
+            "k": st.integers(1, 4),
+            "S": st.integers(1, 9),
+            "steps": st.integers(1, 5),
+            "pre_norm": st.booleans(),
+            "seed": st.integers(0, 10_000),
+        }
+    )
+)
+def test_decoder_layer_el_steps_equal_kv_steps(p):
+    """A decoder layer stepped token by token: EL cache (layer inputs) == K/V cache, pre- and post-norm."""
+    torch.manual_seed(p["seed"])
+    spec = LayerSpec(d_model=16, n_heads=4, d_head=4, d_ffn=32, activation="gelu", pre_norm=p["pre_norm"])
+    layer = DecoderLayer(spec).eval()
+    B, k, S = p["B"], p["k"], p["S"]
+    N = B * k
+    g = torch.Generator().manual_seed(p["seed"])
+    memory = torch.randn(B, S, 16, generator=g)
+    mask = _padding_mask(B, S, g)
+    past = torch.zeros(N, 0, 16)
+    past_k = past_v = torch.zeros(N, 4, 0, 4)
+    with torch.no_grad():
+        cross_k, cross_v = layer.encoder_attn.keys_values(memory.repeat_interleave(k, 0))
+        for _ in range(p["steps"]):
+            x = torch.randn(N, 1, 16, generator=g)
+            el, rows = layer.forward_el(x, past, None, memory, additive_mask(mask, x.dtype)[:, None, :])
+            past = torch.cat([past, rows], dim=1)
+            kv, past_k, past_v = layer.forward_kv(
+                x, past_k, past_v, None, cross_k, cross_v,
+                additive_mask(mask.repeat_interleave(k, 0), x.dtype)[:, None, None, :],
+            )  # fmt: skip
+            assert (el - kv).abs().max() <= TOL
+    assert past.shape == (N, p["steps"], 16)  # EL caches d per token and layer; K/V caches 2 d

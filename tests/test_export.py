@@ -1,0 +1,96 @@
+"""Export writes checked, dynamic, straight-line graphs and a complete manifest, atomically."""
+
+import json
+
+import onnx
+import pytest
+
+from el_export import export as export_module
+from el_export.bundle import FORMAT_VERSION, read_manifest, sha256
+from el_export.compare import compare_graphs
+from el_export.errors import ExportError, InvalidArgumentError
+from el_export.export import export_model
+from el_export.families import build_from_hf
+from el_export.tiny import FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("mode", ["el", "kv"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graphs_match_pytorch_on_unseen_shapes(family, mode, bundles, hf_models):
+    bundle = bundles(family, mode)
+    manifest = read_manifest(bundle)
+    model, _ = build_from_hf(hf_models(family))
+    checks = compare_graphs(bundle, manifest, model)  # B=1, one row, t=0, S=1, and a larger batch
+    assert all(c.passed for c in checks), [c.detail for c in checks]
+    for graph in manifest.graphs.values():
+        proto = onnx.load(str(bundle / graph.file))
+        assert not {n.op_type for n in proto.graph.node} & {"If", "Loop", "Scan"}
+        onnx.checker.check_model(proto, full_check=True)
+        names = [i.name for i in proto.graph.input]
+        assert names == [s.name for s in graph.inputs]
+        for value, spec in zip(proto.graph.output, graph.outputs, strict=True):
+            dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            assert dims == list(spec.shape)
+
+
+def test_manifest_records_the_contract(bundles, hf_models):
+    bundle = bundles("bart", "el")
+    data = json.loads((bundle / "manifest.json").read_text())
+    assert data["format_version"] == FORMAT_VERSION
+    assert (data["family"], data["kind"], data["mode"], data["dtype"]) == ("bart", "seq2seq", "el", "float32")
+    assert data["dims"]["decoder_layers"] == 2 and data["dims"]["d_model"] == 32
+    step = data["graphs"]["decoder_step"]
+    assert [i["name"] for i in step["inputs"]] == ["input_ids", "encoder_hidden", "encoder_mask", "past_hidden"]
+    assert step["inputs"][1]["shape"] == ["batch", "source", 32]  # shared: never repeated per beam
+    assert data["special_tokens"]["decoder_start_token_id"] == 2
+    assert data["generation_defaults"]["forced_eos_token_id"] == 2
+    assert set(data["exporter"]) >= {"el_export", "torch", "transformers", "onnx", "opset"}
+    for name, entry in data["files"].items():
+        assert sha256(bundle / name) == entry["sha256"]
+
+
+def test_kv_encoder_returns_cross_kv(bundles):
+    manifest = read_manifest(bundles("bart", "kv"))
+    assert [s.name for s in manifest.graphs["encoder"].outputs] == ["encoder_hidden", "cross_kv"]
+    assert manifest.graphs["decoder_step"].input("cross_kv").shape == (2, 2, "rows", 4, "source", 8)
+
+
+def test_external_data_is_listed_hashed_and_loadable(tmp_path):
+    import el_export
+
+    out = tmp_path / "external"
+    manifest = export_model(tiny_model("bart"), out, external_data=True, progress=False)
+    data_files = [name for name in manifest.files if not name.endswith((".onnx", ".json"))]
+    assert data_files, manifest.files
+    out_ids = el_export.load(out).generate(input_ids=[[5, 6, 7, 2]], max_new_tokens=4).sequences
+    assert out_ids.shape[1] >= 2
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    calls = []
+
+    def fail_on_second_graph(graph, path, **kw):
+        calls.append(graph.name)
+        if len(calls) == 2:
+            raise ExportError("simulated failure")
+        return original(graph, path, **kw)
+
+    original = export_module.export_graph
+    monkeypatch.setattr(export_module, "export_graph", fail_on_second_graph)
+    with pytest.raises(ExportError, match="simulated"):
+        export_model(tiny_model("bart"), tmp_path / "bundle", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_bundle_is_kept_without_overwrite(tmp_path):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(InvalidArgumentError, match="already exists"):
+        export_model(tiny_model("bart"), out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_unknown_mode_is_refused(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="mode"):
+        export_model(tiny_model("bart"), tmp_path / "b", mode="paged", progress=False)
