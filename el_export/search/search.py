@@ -56,7 +56,7 @@ def generate_ids(
         InvalidArgumentError: the prompt leaves no room to generate, or a forced or banned id is
             outside the vocabulary.
     """
-    B, P = prompt_ids.shape
+    P = prompt_ids.shape[1]
     check_prompt_length(options, P)
     k = options.num_beams if options.num_beams > 1 else options.num_return_sequences  # rows per input
     logits = decoder.start(prompt_ids, k)  # [B * k, V]
@@ -215,12 +215,9 @@ def _beam_search(
         reorder = running_beam_indices[..., cur_len - P].flatten()  # [N] global rows
         cur_len += 1
 
-        # HF `_check_early_stop_heuristic`
-        if early_stopping == "never" and length_penalty > 0.0:
-            best_hypothetical_length = max_length - P
-        else:
-            best_hypothetical_length = cur_len - P
-        best_running = running_beam_scores[:, :1] / (best_hypothetical_length**length_penalty)
+        # HF `_check_early_stop_heuristic`: with "never" and a positive penalty, the best score may come at max_length
+        best_length = max_length - P if early_stopping == "never" and length_penalty > 0.0 else cur_len - P
+        best_running = running_beam_scores[:, :1] / (best_length**length_penalty)
         worst_finished = torch.where(is_sent_finished, torch.min(beam_scores, dim=1, keepdim=True)[0], -1.0e9)
         improvable = improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
 
