@@ -22,7 +22,8 @@ class SearchOutput:
     Attributes:
         sequences: int64 [B * num_return_sequences, L], prompt included.
         sequences_scores: float32 [B * num_return_sequences], length-penalised log-probabilities
-            (beam methods; None for greedy and sampling, as HF).
+            (beam methods; None for greedy and sampling, as HF). Unlike HF, given even without
+            `output_scores`: it is free, and callers rank hypotheses with it.
         scores: per generated step, the processed scores [B * k, V] (only with `output_scores`).
         beam_indices: int32 [B * num_return_sequences, L - P], the global row each token came from
             (-1 past the end; beam methods only).
