@@ -36,6 +36,15 @@ def _padded(batch: int, length: int, low: int, high: int, pad: int, pad_lengths:
     return inputs, mask
 
 
+@pytest.fixture(scope="package", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and spinning threads crawl on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def bart() -> TinyModel:
     torch.manual_seed(0)
