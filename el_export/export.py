@@ -8,16 +8,17 @@ knows torch and ONNX; families know checkpoints.
 import logging
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch.export import Dim
 
 from el_export import __version__
-from el_export.bundle import Manifest, file_entries, write_manifest, writing_bundle
+from el_export.bundle import GraphEntry, Manifest, file_entries, write_manifest, writing_bundle
 from el_export.errors import CheckpointError, ExportError, InvalidArgumentError
 from el_export.families import build_from_hf, family_for
-from el_export.graphs import graphs_for, sample_inputs
+from el_export.graphs import float_dtype, graphs_for, sample_inputs
 from el_export.progress import Steps
 from el_export.seq2seq import MODES
 
@@ -125,15 +126,8 @@ def export_model(
             entries[graph.name] = graph
         steps.start("bundle", "writing the bundle")
         tokenizer_file = _save_tokenizer(tokenizer, tmp)
-        manifest = Manifest(
-            family=family.name,
-            kind=family.kind,
-            mode=mode,
-            dtype="float32",
-            dims=_dims(model.spec),
-            graphs={g.name: _graph_entry(g) for g in graphs},
-            special_tokens=_special_tokens(hf_model),
-            generation_defaults=_generation_defaults(hf_model),
+        manifest = replace(
+            describe(hf_model, graphs, family),
             files=file_entries(tmp),
             tokenizer=tokenizer_file,
             exporter=_versions(_opset_of(tmp / "decoder_step.onnx")),
@@ -212,10 +206,20 @@ def check_graph(graph: torch.nn.Module, path: Path) -> None:
                 )
 
 
-def _graph_entry(graph):
-    from el_export.bundle import GraphEntry
-
-    return GraphEntry(file=f"{graph.name}.onnx", inputs=graph.inputs, outputs=graph.outputs)
+def describe(hf_model, graphs: list, family) -> Manifest:
+    """The manifest of a model's graphs, without files: what export writes and the torch backend runs."""
+    model = graphs[0].model
+    return Manifest(
+        family=family.name,
+        kind=family.kind,
+        mode=graphs[0].mode,
+        dtype=float_dtype(model),
+        dims=_dims(model.spec),
+        graphs={g.name: GraphEntry(file=f"{g.name}.onnx", inputs=g.inputs, outputs=g.outputs) for g in graphs},
+        special_tokens=_special_tokens(hf_model),
+        generation_defaults=_generation_defaults(hf_model),
+        files={},
+    )
 
 
 def _dims(spec) -> dict:

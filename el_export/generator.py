@@ -16,12 +16,8 @@ from el_export.tokenizer import Tokenizer
 class Generator:
     """A loaded bundle: encoder + step decoder on a backend, search, and (if shipped) a tokenizer."""
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, backend):
-        self.bundle_dir, self.manifest, self.backend = bundle_dir, manifest, backend
-        tokens = manifest.special_tokens
-        self.tokenizer = (
-            Tokenizer(bundle_dir / manifest.tokenizer, tokens.get("pad_token_id")) if manifest.tokenizer else None
-        )
+    def __init__(self, manifest: Manifest, backend, tokenizer: Tokenizer | None = None):
+        self.manifest, self.backend, self.tokenizer = manifest, backend, tokenizer
 
     @classmethod
     def from_bundle(
@@ -29,7 +25,8 @@ class Generator:
     ) -> "Generator":
         bundle_dir = Path(bundle_dir)
         manifest = read_manifest(bundle_dir, verify=verify)
-        return cls(bundle_dir, manifest, make_backend(backend, bundle_dir, manifest, **options))
+        backend = make_backend(backend, bundle_dir, manifest, **options)
+        return cls(manifest, backend, Tokenizer.from_bundle(bundle_dir, manifest))
 
     @property
     def max_source_positions(self) -> int:
@@ -87,7 +84,7 @@ class Generator:
     def generate_text(self, texts: str | list[str], truncation: bool = False, **kwargs) -> list[str]:
         """Text in, text out. With num_return_sequences > 1 the outputs of one input are adjacent."""
         if self.tokenizer is None:
-            raise InvalidArgumentError(f"bundle {self.bundle_dir} has no tokenizer; pass token ids to generate()")
+            raise InvalidArgumentError("this model has no tokenizer (none was exported); pass token ids to generate()")
         texts = [texts] if isinstance(texts, str) else list(texts)
         input_ids, mask = self.tokenizer.encode(texts, max_length=self.max_source_positions, truncation=truncation)
         out = self.generate(input_ids=input_ids, attention_mask=mask, **kwargs)

@@ -41,6 +41,11 @@ class TensorSpec:
 SAMPLE_SIZES = {"batch": 2, "rows": 6, "source": 5, "past": 3}
 
 
+def float_dtype(model: nn.Module) -> str:
+    """The dtype name of a model's floating-point tensors: what its graphs take and return (logits excepted)."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 class EncoderGraph(nn.Module):
     name = "encoder"
 
@@ -48,15 +53,15 @@ class EncoderGraph(nn.Module):
         super().__init__()
         assert mode in MODES
         self.model, self.mode = model, mode
-        spec = model.spec
+        spec, f = model.spec, float_dtype(model)
         d, L, h, dh = spec.d_model, spec.decoder_layers, spec.decoder.n_heads, spec.decoder.d_head
         self.inputs = (
             TensorSpec("input_ids", "int64", ("batch", "source")),
             TensorSpec("attention_mask", "int64", ("batch", "source")),
         )
-        outputs = [TensorSpec("encoder_hidden", "float32", ("batch", "source", d))]
+        outputs = [TensorSpec("encoder_hidden", f, ("batch", "source", d))]
         if mode == "kv":
-            outputs.append(TensorSpec("cross_kv", "float32", (L, 2, "batch", h, "source", dh)))
+            outputs.append(TensorSpec("cross_kv", f, (L, 2, "batch", h, "source", dh)))
         self.outputs = tuple(outputs)
 
     def forward(self, input_ids, attention_mask):
@@ -73,26 +78,26 @@ class DecoderStepGraph(nn.Module):
         super().__init__()
         assert mode in MODES
         self.model, self.mode = model, mode
-        spec = model.spec
+        spec, f = model.spec, float_dtype(model)
         d, L, h, dh, V = spec.d_model, spec.decoder_layers, spec.decoder.n_heads, spec.decoder.d_head, spec.vocab_size
         ids = TensorSpec("input_ids", "int64", ("rows", 1))
         logits = TensorSpec("logits", "float32", ("rows", V))
         if mode == "el":
             self.inputs = (
                 ids,
-                TensorSpec("encoder_hidden", "float32", ("batch", "source", d)),
+                TensorSpec("encoder_hidden", f, ("batch", "source", d)),
                 TensorSpec("encoder_mask", "int64", ("batch", "source")),
-                TensorSpec("past_hidden", "float32", (L, "rows", "past", d)),
+                TensorSpec("past_hidden", f, (L, "rows", "past", d)),
             )
-            self.outputs = (logits, TensorSpec("present_hidden", "float32", (L, "rows", "past+1", d)))
+            self.outputs = (logits, TensorSpec("present_hidden", f, (L, "rows", "past+1", d)))
         else:
             self.inputs = (
                 ids,
-                TensorSpec("cross_kv", "float32", (L, 2, "rows", h, "source", dh)),
+                TensorSpec("cross_kv", f, (L, 2, "rows", h, "source", dh)),
                 TensorSpec("encoder_mask", "int64", ("rows", "source")),
-                TensorSpec("past_kv", "float32", (L, 2, "rows", h, "past", dh)),
+                TensorSpec("past_kv", f, (L, 2, "rows", h, "past", dh)),
             )
-            self.outputs = (logits, TensorSpec("present_kv", "float32", (L, 2, "rows", h, "past+1", dh)))
+            self.outputs = (logits, TensorSpec("present_kv", f, (L, 2, "rows", h, "past+1", dh)))
 
     def forward(self, input_ids, memory, encoder_mask, past):
         step = self.model.step_el if self.mode == "el" else self.model.step_kv
@@ -107,7 +112,7 @@ def sample_inputs(graph: nn.Module, sizes: dict[str, int] | None = None, seed: i
     """Random inputs that satisfy a graph's contract (masks all ones but the last input's tail)."""
     sizes = {**SAMPLE_SIZES, **(sizes or {})}
     generator = torch.Generator().manual_seed(seed)
-    vocab = graph.model.spec.vocab_size
+    vocab = min(graph.model.spec.vocab_size, graph.model.spec.encoder_vocab_size)
     tensors = []
     for spec in graph.inputs:
         shape = [sizes[a] if isinstance(a, str) else a for a in spec.shape]
@@ -118,5 +123,5 @@ def sample_inputs(graph: nn.Module, sizes: dict[str, int] | None = None, seed: i
             mask[-1, max(1, shape[1] // 2) :] = 0
             tensors.append(mask)
         else:
-            tensors.append(torch.randn(shape, generator=generator))
+            tensors.append(torch.randn(shape, generator=generator).to(getattr(torch, spec.dtype)))
     return tuple(tensors)

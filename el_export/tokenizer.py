@@ -8,16 +8,32 @@ from el_export.errors import InputError
 
 
 class Tokenizer:
-    def __init__(self, path: Path, pad_token_id: int | None, padding_side: str = "right"):
+    """Wraps a `tokenizers.Tokenizer` (serialized as JSON): padding and truncation done here."""
+
+    def __init__(self, tokenizer_json: str, pad_token_id: int | None, padding_side: str = "right"):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self._tok = HFTokenizer.from_file(str(path))
+        self._tok = HFTokenizer.from_str(tokenizer_json)
         self._tok.no_padding()
         self._tok.no_truncation()
-        self._truncating = HFTokenizer.from_file(str(path))  # its own object: encode() stays thread-safe
+        self._truncating = HFTokenizer.from_str(tokenizer_json)  # its own object: encode() stays thread-safe
         self._truncating.no_padding()
         self.pad_token_id = 0 if pad_token_id is None else pad_token_id
         self.padding_side = padding_side
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: Path, manifest) -> "Tokenizer | None":
+        if manifest.tokenizer is None:
+            return None
+        return cls((bundle_dir / manifest.tokenizer).read_text(), manifest.special_tokens.get("pad_token_id"))
+
+    @classmethod
+    def from_hf(cls, tokenizer, manifest) -> "Tokenizer | None":
+        """From a `transformers` fast tokenizer (None, or a slow one, gives None)."""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        return cls(backend.to_str(), manifest.special_tokens.get("pad_token_id"))
 
     def encode(self, texts: list[str], max_length: int | None = None, truncation: bool = False):
         """Texts -> (input_ids, attention_mask) int64 [B, S], padded on `padding_side`.

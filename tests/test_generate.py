@@ -79,10 +79,10 @@ def test_encoder_output_is_shared_not_repeated_per_beam(bundles, monkeypatch):
     seen = []
     original = OnnxRuntimeBackend._run_impl
 
-    def spy(self, graph_name, feeds, outputs):
+    def spy(self, graph_name, feeds, axes):
         if graph_name == "decoder_step":
             seen.append((feeds["encoder_hidden"].shape[0], feeds["input_ids"].shape[0]))
-        return original(self, graph_name, feeds, outputs)
+        return original(self, graph_name, feeds, axes)
 
     monkeypatch.setattr(OnnxRuntimeBackend, "_run_impl", spy)
     el_export.load(bundles("bart", "el")).generate(

@@ -64,7 +64,7 @@ class Backend:
         self.bundle_dir, self.manifest, self.device = bundle_dir, manifest, torch.device(device)
 
     def run(self, graph_name: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run a graph. Inputs are checked against the contract; outputs are allocated here."""
+        """Run a graph on tensors already on `self.device`, checked against the contract first."""
         graph = self.manifest.graphs[graph_name]
         axes = resolve_axes(graph, feeds, graph_name)
         for name, tensor in feeds.items():
@@ -72,12 +72,14 @@ class Backend:
                 raise InputError(
                     f"{graph_name}: input {name!r} is on {tensor.device}, the backend runs on {self.device}"
                 )
-        outputs = {
-            spec.name: torch.empty(output_shape(spec.shape, axes), dtype=DTYPES[spec.dtype], device=self.device)
-            for spec in graph.outputs
-        }
-        self._run_impl(graph_name, {k: v.contiguous() for k, v in feeds.items()}, outputs)
-        return outputs
+        return self._run_impl(graph_name, {k: v.contiguous() for k, v in feeds.items()}, axes)
 
-    def _run_impl(self, graph_name: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+    def allocate_outputs(self, graph_name: str, axes: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Empty output tensors shaped by the contract, for backends that write into given buffers."""
+        return {
+            spec.name: torch.empty(output_shape(spec.shape, axes), dtype=DTYPES[spec.dtype], device=self.device)
+            for spec in self.manifest.graphs[graph_name].outputs
+        }
+
+    def _run_impl(self, graph_name: str, feeds: dict[str, torch.Tensor], axes: dict[str, int]) -> dict:
         raise NotImplementedError

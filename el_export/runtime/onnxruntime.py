@@ -39,7 +39,8 @@ class OnnxRuntimeBackend(Backend):
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise BackendError(f"onnxruntime cannot load {path}: {first}") from None
 
-    def _run_impl(self, graph_name, feeds, outputs):
+    def _run_impl(self, graph_name, feeds, axes):
+        outputs = self.allocate_outputs(graph_name, axes)
         binding = self.sessions[graph_name].io_binding()
         kind, index = self.device.type, self.device.index or 0
         for name, tensor in feeds.items():
@@ -47,3 +48,4 @@ class OnnxRuntimeBackend(Backend):
         for name, tensor in outputs.items():
             binding.bind_output(name, kind, index, _NUMPY[tensor.dtype], list(tensor.shape), tensor.data_ptr())
         self.sessions[graph_name].run_with_iobinding(binding)
+        return outputs
