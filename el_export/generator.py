@@ -18,6 +18,9 @@ class Generator:
 
     def __init__(self, manifest: Manifest, backend, tokenizer: Tokenizer | None = None):
         self.manifest, self.backend, self.tokenizer = manifest, backend, tokenizer
+        # Inputs per encoder call: the encoder's activations grow with batch x source^2, the decoder's
+        # state only with batch x source, so large batches encode in chunks. None: all at once.
+        self.encoder_batch_size: int | None = None
 
     @classmethod
     def from_bundle(
@@ -75,11 +78,23 @@ class Generator:
                 "lower max_new_tokens / max_length"
             )
         device = self.backend.device
-        encoded = self.backend.run(
-            "encoder", {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-        )
+        encoded = self.encode(input_ids.to(device), attention_mask.to(device))
         decoder = GraphDecoder(self.backend, {**encoded, "encoder_mask": attention_mask.to(device)})
         return generate_ids(decoder, prompt.to(device), options)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the encoder graph, in chunks of `encoder_batch_size` inputs when set."""
+        chunk = self.encoder_batch_size or input_ids.shape[0]
+        parts = [
+            self.backend.run(
+                "encoder", {"input_ids": input_ids[i : i + chunk], "attention_mask": attention_mask[i : i + chunk]}
+            )
+            for i in range(0, input_ids.shape[0], chunk)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        outputs = self.manifest.graphs["encoder"].outputs
+        return {s.name: torch.cat([p[s.name] for p in parts], dim=s.shape.index("batch")) for s in outputs}
 
     def generate_text(self, texts: str | list[str], truncation: bool = False, **kwargs) -> list[str]:
         """Text in, text out. With num_return_sequences > 1 the outputs of one input are adjacent."""

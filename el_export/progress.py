@@ -3,13 +3,13 @@
 import sys
 import time
 
-from rich.console import Console
-
 
 class Steps:
     """Print each step as it starts and how long the previous one took; silent when disabled."""
 
     def __init__(self, names: list[str], enabled: bool = True):
+        from rich.console import Console
+
         self.total, self.enabled = len(names), enabled
         self.console = Console(stderr=True, highlight=False)
         self._index, self._started, self._status = 0, None, None

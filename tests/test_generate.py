@@ -89,3 +89,21 @@ def test_encoder_output_is_shared_not_repeated_per_beam(bundles, monkeypatch):
         input_ids=[[5, 6, 7, 2], [8, 9, 10, 2]], num_beams=4, max_new_tokens=3
     )
     assert seen and all(batch == 2 and rows == 8 for batch, rows in seen)
+
+
+@pytest.mark.parametrize("mode", ["el", "kv"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_backend_matches_hf(family, mode, hf_models, padded_batch):
+    """The same step modules, run by PyTorch instead of ONNX Runtime, under the same search."""
+    from el_export.runtime.torch import load_torch
+
+    hf = hf_models(family)
+    generator = load_torch(hf, mode=mode)
+    ids, mask = padded_batch(hf)
+    for kwargs in (
+        {"max_new_tokens": 12},
+        {**BEAM_SETTINGS[0], "num_beams": 4, "num_return_sequences": 2, "max_new_tokens": 12},
+    ):
+        ours = generator.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        ref = _hf(hf, ids, mask, **kwargs)
+        assert torch.equal(ours.sequences, ref.sequences), kwargs

@@ -104,7 +104,8 @@ def build_from_hf(hf_model: nn.Module) -> tuple[nn.Module, Family]:
     """
     family = family_for(hf_model.config)
     spec = family.spec_from_config(hf_model.config)
-    model = family.build(spec)
+    with torch.device(next(hf_model.parameters()).device):  # initialise where the weights already are
+        model = family.build(spec)
     source = hf_model.state_dict()
     target = model.state_dict()
     problems = []
