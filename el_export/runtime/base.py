@@ -61,7 +61,10 @@ class Backend:
     name = "base"
 
     def __init__(self, bundle_dir, manifest: Manifest, device: str = "cpu"):
-        self.bundle_dir, self.manifest, self.device = bundle_dir, manifest, torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" means the current device: name it
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.bundle_dir, self.manifest, self.device = bundle_dir, manifest, device
 
     def run(self, graph_name: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run a graph on tensors already on `self.device`, checked against the contract first."""
