@@ -8,7 +8,6 @@ import torch
 from el_export.bundle import Manifest, read_manifest
 from el_export.errors import InputError, InvalidArgumentError
 from el_export.runtime import make_backend
-from el_export.runtime.decoder import GraphDecoder
 from el_export.search import SearchOutput, generate_ids, resolve_options
 from el_export.tokenizer import Tokenizer
 
@@ -79,7 +78,7 @@ class Generator:
             )
         device = self.backend.device
         encoded = self.encode(input_ids.to(device), attention_mask.to(device))
-        decoder = GraphDecoder(self.backend, {**encoded, "encoder_mask": attention_mask.to(device)})
+        decoder = self.backend.make_decoder({**encoded, "encoder_mask": attention_mask.to(device)})
         return generate_ids(decoder, prompt.to(device), options)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -102,16 +102,17 @@ class DecoderLayer(_Residual):
         self.encoder_attn = _attention(spec)
         self.encoder_attn_layer_norm = nn.LayerNorm(spec.d_model, eps=spec.norm_eps)
 
-    def forward_el(self, x, past, self_bias, memory, memory_bias):
+    def forward_el(self, x, extend, self_bias, memory, memory_bias):
         """EL mode: caches the self-attention input, reads the encoder output H itself.
 
-        x [N, T, d]; past [N, t, d] (this layer's cached inputs); memory [B, S, d] shared by
-        the k = N/B rows of each input. Returns (x [N, T, d], new cache rows [N, T, d]).
+        x [N, T, d]; memory [B, S, d] shared by the k = N/B rows of each input; `extend` takes this
+        step's cache rows a [N, T, d] (the self-attention input, cached instead of K and V) and
+        returns every row attended to, [N, R, d]. Returns x [N, T, d].
         """
         T = x.shape[1]
         norm, attn = self.self_attn_layer_norm, self.self_attn
-        a = self.sublayer_input(norm, x)  # [N, T, d]: cached instead of K and V
-        rows = torch.cat([past, a], dim=1)  # [N, t+T, d]
+        a = self.sublayer_input(norm, x)  # [N, T, d]
+        rows = extend(a)  # [N, R, d]
         if self_bias is not None:  # [T, R] -> [T*h, R], the row order of expanded queries
             self_bias = self_bias.repeat_interleave(attn.n_heads, dim=0)
         ctx = el_attend(attn.expand_query(a), rows=rows, rows_bias=self_bias)
@@ -120,20 +121,19 @@ class DecoderLayer(_Residual):
         c = self.sublayer_input(norm, x)
         ctx = el_attend(attn.expand_query(c), shared=memory, shared_bias=memory_bias)
         x = self.residual(norm, x, attn.el_output(ctx, T))
-        return self.feed_forward(x), a
+        return self.feed_forward(x)
 
-    def forward_kv(self, x, past_k, past_v, self_bias, cross_k, cross_v, memory_bias):
+    def forward_kv(self, x, extend, self_bias, cross_k, cross_v, memory_bias):
         """Standard mode (HF/Optimum): per-row K/V caches; cross K/V [N, h, S, dh] per row.
 
-        Returns (x [N, T, d], K and V of the whole sequence so far, each [N, h, t+T, dh]).
+        `extend` takes this step's K and V [N, h, T, dh] and returns all keys and values attended
+        to, each [N, h, R, dh]. Returns x [N, T, d].
         """
         norm, attn = self.self_attn_layer_norm, self.self_attn
         a = self.sublayer_input(norm, x)
-        k_new, v_new = attn.keys_values(a)
-        k = torch.cat([past_k, k_new], dim=2)
-        v = torch.cat([past_v, v_new], dim=2)
+        k, v = extend(*attn.keys_values(a))
         x = self.residual(norm, x, attn.attend_kv(a, k, v, self_bias))
         norm = self.encoder_attn_layer_norm
         c = self.sublayer_input(norm, x)
         x = self.residual(norm, x, self.encoder_attn.attend_kv(c, cross_k, cross_v, memory_bias))
-        return self.feed_forward(x), k, v
+        return self.feed_forward(x)

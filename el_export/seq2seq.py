@@ -109,15 +109,42 @@ class Seq2SeqLM(nn.Module):
         past_hidden [L, N, t, d] -> (logits [N, V], present_hidden [L, N, t+T, d]).
         """
         t = past_hidden.shape[2]
-        x = self.decoder.embed(input_ids, t)  # [N, T, d]
-        self_bias = _causal_bias(input_ids.shape[1], t, x)
-        memory_bias = additive_mask(memory_mask, x.dtype)[:, None, :]  # [B, 1, S]
         new_rows = []
+
+        def extend(i):
+            def rows(a):  # layer i attends to its cached rows and this step's
+                new_rows.append(a)
+                return torch.cat([past_hidden[i], a], dim=1)
+
+            return rows
+
+        self_bias = _causal_bias(input_ids.shape[1], t, memory)
+        logits = self._decode_el(input_ids, t, extend, self_bias, memory, memory_mask)
+        return logits, torch.cat([past_hidden, torch.stack(new_rows)], dim=2)
+
+    def step_el_static(self, input_ids, memory, memory_mask, cache, position):
+        """EL step over a preallocated cache: fixed shapes, for CUDA graphs; no O(t) copy per step.
+
+        input_ids [N, 1]; cache [L, N, C, d] receives this step's rows at `position` (int64 [1], on
+        the device) in place; keys past `position` are masked. Returns logits [N, V].
+        """
+
+        def extend(i):
+            def rows(a):
+                cache[i].index_copy_(1, position, a)
+                return cache[i]
+
+            return rows
+
+        self_bias = _filled_bias(cache.shape[2], position, memory)
+        return self._decode_el(input_ids, position, extend, self_bias, memory, memory_mask)
+
+    def _decode_el(self, input_ids, start, extend, self_bias, memory, memory_mask):
+        x = self.decoder.embed(input_ids, start)  # [N, T, d]
+        memory_bias = additive_mask(memory_mask, x.dtype)[:, None, :]  # [B, 1, S]
         for i, layer in enumerate(self.decoder.layers):
-            x, rows = layer.forward_el(x, past_hidden[i], self_bias, memory, memory_bias)
-            new_rows.append(rows)
-        present = torch.cat([past_hidden, torch.stack(new_rows)], dim=2)
-        return self.logits(x), present
+            x = layer.forward_el(x, extend(i), self_bias, memory, memory_bias)
+        return self.logits(x)
 
     def step_kv(self, input_ids, cross_kv, memory_mask, past_kv):
         """Standard (HF/Optimum) decoder step.
@@ -126,16 +153,46 @@ class Seq2SeqLM(nn.Module):
         past_kv [L, 2, N, h, t, dh] -> (logits [N, V], present_kv [L, 2, N, h, t+T, dh]).
         """
         t = past_kv.shape[4]
-        x = self.decoder.embed(input_ids, t)
-        self_bias = _causal_bias(input_ids.shape[1], t, x)
-        memory_bias = additive_mask(memory_mask, x.dtype)[:, None, None, :]  # [N, 1, 1, S]
         present = []
+
+        def extend(i):
+            def keys_values(k_new, v_new):
+                k, v = torch.cat([past_kv[i, 0], k_new], dim=2), torch.cat([past_kv[i, 1], v_new], dim=2)
+                present.append(torch.stack([k, v]))
+                return k, v
+
+            return keys_values
+
+        self_bias = _causal_bias(input_ids.shape[1], t, cross_kv)
+        logits = self._decode_kv(input_ids, t, extend, self_bias, cross_kv, memory_mask)
+        return logits, torch.stack(present)
+
+    def step_kv_static(self, input_ids, cross_kv, memory_mask, cache, position):
+        """Standard step over a preallocated K/V cache [L, 2, N, h, C, dh], written at `position`."""
+
+        def extend(i):
+            def keys_values(k_new, v_new):
+                cache[i, 0].index_copy_(2, position, k_new)
+                cache[i, 1].index_copy_(2, position, v_new)
+                return cache[i, 0], cache[i, 1]
+
+            return keys_values
+
+        self_bias = _filled_bias(cache.shape[4], position, cross_kv)
+        return self._decode_kv(input_ids, position, extend, self_bias, cross_kv, memory_mask)
+
+    def _decode_kv(self, input_ids, start, extend, self_bias, cross_kv, memory_mask):
+        x = self.decoder.embed(input_ids, start)
+        memory_bias = additive_mask(memory_mask, x.dtype)[:, None, None, :]  # [N, 1, 1, S]
         for i, layer in enumerate(self.decoder.layers):
-            x, k, v = layer.forward_kv(
-                x, past_kv[i, 0], past_kv[i, 1], self_bias, cross_kv[i, 0], cross_kv[i, 1], memory_bias
-            )
-            present.append(torch.stack([k, v]))
-        return self.logits(x), torch.stack(present)
+            x = layer.forward_kv(x, extend(i), self_bias, cross_kv[i, 0], cross_kv[i, 1], memory_bias)
+        return self.logits(x)
+
+
+def _filled_bias(capacity: int, position: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Additive bias [1, C] over a preallocated cache: keys 0..position are filled, the rest masked."""
+    keys = torch.arange(capacity, device=like.device)
+    return additive_mask(keys <= position, like.dtype)[None, :]
 
 
 def _causal_bias(T: int, t: int, like: torch.Tensor) -> torch.Tensor | None:

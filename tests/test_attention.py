@@ -110,17 +110,28 @@ def test_decoder_layer_el_steps_equal_kv_steps(p):
     g = torch.Generator().manual_seed(p["seed"])
     memory = torch.randn(B, S, 16, generator=g)
     mask = _padding_mask(B, S, g)
-    past = torch.zeros(N, 0, 16)
-    past_k = past_v = torch.zeros(N, 4, 0, 4)
+    cache = {"el": torch.zeros(N, 0, 16), "k": torch.zeros(N, 4, 0, 4), "v": torch.zeros(N, 4, 0, 4)}
+
+    def extend_el(a):
+        cache["el"] = torch.cat([cache["el"], a], dim=1)
+        return cache["el"]
+
+    def extend_kv(k_new, v_new):
+        cache["k"], cache["v"] = torch.cat([cache["k"], k_new], dim=2), torch.cat([cache["v"], v_new], dim=2)
+        return cache["k"], cache["v"]
+
     with torch.no_grad():
         cross_k, cross_v = layer.encoder_attn.keys_values(memory.repeat_interleave(k, 0))
         for _ in range(p["steps"]):
             x = torch.randn(N, 1, 16, generator=g)
-            el, rows = layer.forward_el(x, past, None, memory, additive_mask(mask, x.dtype)[:, None, :])
-            past = torch.cat([past, rows], dim=1)
-            kv, past_k, past_v = layer.forward_kv(
-                x, past_k, past_v, None, cross_k, cross_v,
+            el = layer.forward_el(x, extend_el, None, memory, additive_mask(mask, x.dtype)[:, None, :])
+            kv = layer.forward_kv(
+                x,
+                extend_kv,
+                None,
+                cross_k,
+                cross_v,
                 additive_mask(mask.repeat_interleave(k, 0), x.dtype)[:, None, None, :],
-            )  # fmt: skip
+            )
             assert (el - kv).abs().max() <= TOL
-    assert past.shape == (N, p["steps"], 16)  # EL caches d per token and layer; K/V caches 2 d
+    assert cache["el"].shape == (N, p["steps"], 16)  # EL caches d per token and layer; K/V caches 2 d

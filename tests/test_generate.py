@@ -107,3 +107,21 @@ def test_torch_backend_matches_hf(family, mode, hf_models, padded_batch):
         ours = generator.generate(input_ids=ids, attention_mask=mask, **kwargs)
         ref = _hf(hf, ids, mask, **kwargs)
         assert torch.equal(ours.sequences, ref.sequences), kwargs
+
+
+@pytest.mark.parametrize("mode", ["el", "kv"])
+def test_torch_static_cache_matches_hf_across_buckets(mode, hf_models, padded_batch):
+    """Preallocated caches (the CUDA-graph path, here without graphs): same tokens, growing past a bucket."""
+    from el_export.runtime.torch import StaticCacheDecoder, load_torch
+
+    hf = hf_models("bart")
+    generator = load_torch(hf, mode=mode, static_cache=True)
+    assert StaticCacheDecoder.CAPACITY < 40  # so the cache grows into a second bucket below
+    ids, mask = padded_batch(hf)
+    for kwargs in (
+        {"max_new_tokens": 40, "min_new_tokens": 40},
+        {"num_beams": 4, "num_return_sequences": 2, "max_new_tokens": 40},
+    ):
+        ours = generator.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        ref = _hf(hf, ids, mask, **kwargs)
+        assert torch.equal(ours.sequences, ref.sequences), kwargs

@@ -86,3 +86,9 @@ class Backend:
 
     def _run_impl(self, graph_name: str, feeds: dict[str, torch.Tensor], axes: dict[str, int]) -> dict:
         raise NotImplementedError
+
+    def make_decoder(self, context: dict[str, torch.Tensor]):
+        """The `StepDecoder` over this backend's decoder_step graph, given the encoder's outputs."""
+        from el_export.runtime.decoder import GraphDecoder
+
+        return GraphDecoder(self, context)

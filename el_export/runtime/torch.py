@@ -16,11 +16,33 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 class TorchBackend(Backend):
-    name = "torch"
+    """Runs the graph modules. With `static_cache`, decoding writes into preallocated caches
+    (no O(t) copy per step); with `cuda_graphs` too, each decoder step shape bucket is captured once
+    as a CUDA graph and replayed."""
 
-    def __init__(self, graphs: list[nn.Module], manifest: Manifest, device: str = "cpu"):
+    name = "torch"
+    MAX_CAPTURED = 16  # shape buckets kept as CUDA graphs at once
+
+    def __init__(
+        self,
+        graphs: list[nn.Module],
+        manifest: Manifest,
+        device: str = "cpu",
+        static_cache: bool = False,
+        cuda_graphs: bool = False,
+    ):
         super().__init__(None, manifest, device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise InvalidArgumentError("cuda_graphs needs a CUDA device")
         self.graphs = {g.name: g for g in graphs}
+        self.static_cache = static_cache or cuda_graphs
+        self.cuda_graphs = cuda_graphs
+        self.captured: dict[tuple, CapturedStep] = {}  # shape bucket -> graph and its static buffers
+
+    def make_decoder(self, context):
+        if not self.static_cache:
+            return super().make_decoder(context)
+        return StaticCacheDecoder(self, context)
 
     def _run_impl(self, graph_name, feeds, axes):
         graph = self.graphs[graph_name]
@@ -30,7 +52,113 @@ class TorchBackend(Backend):
         return {spec.name: tensor for spec, tensor in zip(graph.outputs, out, strict=True)}
 
 
-def load_torch(model, mode: str = "el", device: str = "cpu", dtype: str = "float32", tokenizer=None):
+class CapturedStep:
+    """One decoder-step shape bucket captured as a CUDA graph, with the static buffers it reads and writes."""
+
+    def __init__(self, step, ids, context, cache, position):
+        self.ids, self.context, self.cache, self.position = ids, context, cache, position
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():  # warm-up outside capture, as CUDA graphs need
+            for _ in range(2):
+                step(ids, *context, cache, position)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = step(ids, *context, cache, position)
+
+
+class StaticCacheDecoder:
+    """A `StepDecoder` over preallocated caches of capacity C, grown by doubling (a new shape bucket).
+
+    Each step writes its cache rows at position t in place and masks the keys past t, so the step's
+    shapes are fixed within a bucket (N rows, B inputs, S source, C capacity): what CUDA graphs need.
+    """
+
+    CAPACITY = 32  # first bucket; doubled when the cache is full
+
+    def __init__(self, backend: TorchBackend, context: dict[str, torch.Tensor]):
+        self.backend = backend
+        graph = backend.graphs["decoder_step"]
+        self.model, self.mode = graph.model, graph.mode
+        self.spec = backend.manifest.graphs["decoder_step"]
+        self.context = context
+
+    def start(self, prompt_ids: torch.Tensor, rows_per_input: int) -> torch.Tensor:
+        k = rows_per_input
+        device = self.backend.device
+        self.inputs = []  # the step's context inputs, in the graph's order
+        for spec in self.spec.inputs[1:-1]:
+            tensor = self.context[spec.name]
+            self.inputs.append(
+                tensor.repeat_interleave(k, dim=spec.shape.index("rows")) if "rows" in spec.shape else tensor
+            )
+        cache_spec = self.spec.inputs[-1]
+        self.time_axis, self.rows_axis = cache_spec.shape.index("past"), cache_spec.shape.index("rows")
+        N = prompt_ids.shape[0] * k
+        self.cache_shape = [N if a == "rows" else a for a in cache_spec.shape]
+        self.cache = self._allocate(self.CAPACITY)
+        self.t = 0
+        self.step_fn = self.model.step_el_static if self.mode == "el" else self.model.step_kv_static
+        self.position = torch.zeros(1, dtype=torch.int64, device=device)
+        rows = prompt_ids.to(device).repeat_interleave(k, dim=0)
+        for p in range(rows.shape[1]):
+            logits = self.step(rows[:, p : p + 1])
+        return logits
+
+    def _allocate(self, capacity: int) -> torch.Tensor:
+        shape = [capacity if a == "past" else a for a in self.cache_shape]
+        dtype = next(self.model.parameters()).dtype
+        return torch.zeros(shape, dtype=dtype, device=self.backend.device)
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.t == self.cache.shape[self.time_axis]:  # full: the next bucket, twice as long
+            grown = self._allocate(2 * self.t)
+            grown.narrow(self.time_axis, 0, self.t).copy_(self.cache)
+            self.cache = grown
+        self.position.fill_(self.t)
+        self.t += 1
+        if not self.backend.cuda_graphs:
+            with torch.no_grad():
+                return self.step_fn(input_ids, *self.inputs, self.cache, self.position)
+        captured = self._captured()
+        captured.ids.copy_(input_ids)
+        captured.position.copy_(self.position)
+        captured.graph.replay()
+        return captured.logits.clone()  # the next replay overwrites the static output
+
+    def _captured(self) -> CapturedStep:
+        """The graph of this shape bucket; its buffers become this decoder's cache and context."""
+        key = (self.mode, tuple(self.cache.shape), *(tuple(t.shape) for t in self.inputs))
+        captured = self.backend.captured.get(key)
+        if captured is None:
+            if len(self.backend.captured) >= self.backend.MAX_CAPTURED:  # bound the graphs' memory
+                self.backend.captured.clear()
+            ids = torch.zeros(self.cache_shape[self.rows_axis], 1, dtype=torch.int64, device=self.backend.device)
+            context = [t.clone() for t in self.inputs]
+            captured = CapturedStep(self.step_fn, ids, context, self.cache.clone(), self.position.clone())
+            self.backend.captured[key] = captured
+        if captured.cache is not self.cache:  # adopt the graph's buffers (once per bucket and call)
+            captured.cache.copy_(self.cache)
+            for static, tensor in zip(captured.context, self.inputs, strict=True):
+                static.copy_(tensor)
+            self.cache, self.inputs = captured.cache, captured.context
+        return captured
+
+    def reorder(self, row_indices: torch.Tensor) -> None:
+        filled = self.cache.narrow(self.time_axis, 0, self.t)
+        filled.copy_(filled.index_select(self.rows_axis, row_indices.to(self.backend.device)))
+
+
+def load_torch(
+    model,
+    mode: str = "el",
+    device: str = "cpu",
+    dtype: str = "float32",
+    tokenizer=None,
+    static_cache: bool = False,
+    cuda_graphs: bool = False,
+):
     """A Generator that runs the EL (or K/V) step modules in PyTorch.
 
     Args:
@@ -39,6 +167,8 @@ def load_torch(model, mode: str = "el", device: str = "cpu", dtype: str = "float
         device: "cpu", "cuda" or "cuda:N".
         dtype: "float32", "float16" or "bfloat16" for weights and activations.
         tokenizer: an HF fast tokenizer for `generate_text` (loaded with the checkpoint when a path).
+        static_cache: decode into preallocated caches (fixed step shapes, no O(t) copy per step).
+        cuda_graphs: capture each decoder-step shape bucket as a CUDA graph (implies static_cache).
 
     Raises:
         InvalidArgumentError, BackendError, CheckpointError, UnsupportedModelError.
@@ -63,5 +193,5 @@ def load_torch(model, mode: str = "el", device: str = "cpu", dtype: str = "float
     built = built.to(device=device, dtype=DTYPES[dtype])
     graphs = [g.eval() for g in graphs_for(built, mode)]
     manifest = describe(model, graphs, family)
-    backend = TorchBackend(graphs, manifest, device=str(device))
+    backend = TorchBackend(graphs, manifest, device=str(device), static_cache=static_cache, cuda_graphs=cuda_graphs)
     return Generator(manifest, backend, tokenizer=Tokenizer.from_hf(tokenizer, manifest))
