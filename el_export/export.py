@@ -19,8 +19,8 @@ from el_export.bundle import GraphEntry, Manifest, file_entries, write_manifest,
 from el_export.errors import CheckpointError, ExportError, InvalidArgumentError
 from el_export.families import build_from_hf, family_for
 from el_export.graphs import float_dtype, graphs_for, sample_inputs
+from el_export.models import MODES
 from el_export.progress import Steps
-from el_export.seq2seq import MODES
 
 # How far an exported graph may be from its PyTorch module (both fp32, other shapes than traced).
 EXPORT_CHECK_TOLERANCE = {"float32": {"atol": 1e-4, "rtol": 1e-3}}

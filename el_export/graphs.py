@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from el_export.seq2seq import MODES, Seq2SeqLM
+from el_export.models import MODES, Seq2SeqLM
 
 
 @dataclass(frozen=True)

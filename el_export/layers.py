@@ -1,8 +1,12 @@
 """Transformer building blocks shared by every family, in both decoder modes.
 
 Attribute names follow BART's checkpoints (self_attn, encoder_attn, fc1, fc2, *_layer_norm) so the
-BART-like families load with a 1:1 copy; other families rename when they map their weights.
+BART-like families load with a 1:1 copy; other families map their names onto these.
 A family describes its wiring as data (`LayerSpec`); nothing here branches on a family name.
+
+Additive attention biases (masks, causal masks, relative position biases) reach a layer as one
+tensor broadcastable to [rows, heads, T, R] (T new tokens, R keys); the EL path lays it out for its
+expanded queries itself.
 """
 
 from dataclasses import dataclass
@@ -34,10 +38,14 @@ class LayerSpec:
     d_head: int
     d_ffn: int
     activation: str
-    pre_norm: bool  # LayerNorm before each sublayer (mBART, Pegasus) or after the residual (BART, Marian)
+    pre_norm: bool  # norm before each sublayer (mBART, Pegasus, T5, GPT-2) or after the residual (BART, Marian)
+    norm: str = "layer"  # "layer" (LayerNorm) or "rms" (T5's scale-only RMS norm)
     norm_eps: float = 1e-5
     attention_bias: bool = True
+    ffn_bias: bool = True
+    gated_ffn: bool = False  # act(fc1 x) * fc_up x, as T5 v1.1's gated GELU
     query_scale: float | None = None  # None: 1/sqrt(d_head)
+    cross_attention: bool = True  # decoder layers of decoder-only models have none
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -50,19 +58,47 @@ class LayerSpec:
         return self.d_head**-0.5 if self.query_scale is None else self.query_scale
 
 
+class RMSNorm(nn.Module):
+    """Scale-only RMS norm, accumulated in fp32 (T5's layer norm)."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.eps)).to(self.weight.dtype)
+
+
+def make_norm(spec: LayerSpec) -> nn.Module:
+    if spec.norm == "rms":
+        return RMSNorm(spec.d_model, spec.norm_eps)
+    return nn.LayerNorm(spec.d_model, eps=spec.norm_eps)
+
+
 def _attention(spec: LayerSpec) -> MultiHeadAttention:
     return MultiHeadAttention(spec.d_model, spec.n_heads, spec.d_head, spec.attention_bias, spec.scale)
 
 
+def el_bias(bias: torch.Tensor | None, n_heads: int) -> torch.Tensor | None:
+    """[h or 1, T, R] -> [T*h, R]: the row order of expanded queries (T outer, heads inner)."""
+    if bias is None:
+        return None
+    _, T, R = bias.shape
+    return bias.expand(n_heads, T, R).transpose(0, 1).reshape(T * n_heads, R)
+
+
 class _Residual(nn.Module):
-    """Residual wiring shared by the layers: pre-norm x + f(norm(x)), or post-norm norm(x + f(x))."""
+    """Residual wiring and the feed-forward sublayer, shared by encoder and decoder layers."""
 
     def __init__(self, spec: LayerSpec):
         super().__init__()
         self.pre_norm = spec.pre_norm
-        self.fc1 = nn.Linear(spec.d_model, spec.d_ffn)
-        self.fc2 = nn.Linear(spec.d_ffn, spec.d_model)
-        self.final_layer_norm = nn.LayerNorm(spec.d_model, eps=spec.norm_eps)
+        self.fc1 = nn.Linear(spec.d_model, spec.d_ffn, bias=spec.ffn_bias)
+        self.fc_up = nn.Linear(spec.d_model, spec.d_ffn, bias=spec.ffn_bias) if spec.gated_ffn else None
+        self.fc2 = nn.Linear(spec.d_ffn, spec.d_model, bias=spec.ffn_bias)
+        self.final_layer_norm = make_norm(spec)
         self.act = ACTIVATIONS[spec.activation]
 
     def sublayer_input(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -74,17 +110,19 @@ class _Residual(nn.Module):
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.final_layer_norm
-        return self.residual(norm, x, self.fc2(self.act(self.fc1(self.sublayer_input(norm, x)))))
+        u = self.sublayer_input(norm, x)
+        h = self.act(self.fc1(u)) if self.fc_up is None else self.act(self.fc1(u)) * self.fc_up(u)
+        return self.residual(norm, x, self.fc2(h))
 
 
 class EncoderLayer(_Residual):
     def __init__(self, spec: LayerSpec):
         super().__init__(spec)
         self.self_attn = _attention(spec)
-        self.self_attn_layer_norm = nn.LayerNorm(spec.d_model, eps=spec.norm_eps)
+        self.self_attn_layer_norm = make_norm(spec)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x [B, S, d], bias additive [B, 1, 1, S] -> [B, S, d]"""
+        """x [B, S, d], bias additive, broadcastable to [B, h, S, S] -> [B, S, d]"""
         norm = self.self_attn_layer_norm
         a = self.sublayer_input(norm, x)
         k, v = self.self_attn.keys_values(a)
@@ -93,47 +131,55 @@ class EncoderLayer(_Residual):
 
 
 class DecoderLayer(_Residual):
-    """Self-attention, cross-attention, feed-forward; one method per decoder mode."""
+    """Self-attention, cross-attention (encoder-decoders), feed-forward; one method per decoder mode."""
 
     def __init__(self, spec: LayerSpec):
         super().__init__(spec)
         self.self_attn = _attention(spec)
-        self.self_attn_layer_norm = nn.LayerNorm(spec.d_model, eps=spec.norm_eps)
-        self.encoder_attn = _attention(spec)
-        self.encoder_attn_layer_norm = nn.LayerNorm(spec.d_model, eps=spec.norm_eps)
+        self.self_attn_layer_norm = make_norm(spec)
+        if spec.cross_attention:
+            self.encoder_attn = _attention(spec)
+            self.encoder_attn_layer_norm = make_norm(spec)
 
-    def forward_el(self, x, extend, self_bias, memory, memory_bias):
+    def forward_el(self, x, extend, self_bias, memory=None, memory_bias=None, shared=None, shared_bias=None):
         """EL mode: caches the self-attention input, reads the encoder output H itself.
 
-        x [N, T, d]; memory [B, S, d] shared by the k = N/B rows of each input; `extend` takes this
-        step's cache rows a [N, T, d] (the self-attention input, cached instead of K and V) and
-        returns every row attended to, [N, R, d]. Returns x [N, T, d].
+        x [N, T, d]. `extend` takes this step's cache rows a [N, T, d] (the self-attention input,
+        cached instead of K and V) and returns every per-row key row, [N, R, d]; self_bias
+        [h or 1, T, R]. memory [B, S, d] is the encoder output, read once per input by its k = N/B
+        rows (memory_bias [B, 1, S]); `shared` [B, P, d] is a decoder-only prompt's self-attention
+        input, attended to with the per-row keys under one softmax (shared_bias [B, 1, P]).
+        Returns x [N, T, d].
         """
         T = x.shape[1]
         norm, attn = self.self_attn_layer_norm, self.self_attn
         a = self.sublayer_input(norm, x)  # [N, T, d]
         rows = extend(a)  # [N, R, d]
-        if self_bias is not None:  # [T, R] -> [T*h, R], the row order of expanded queries
-            self_bias = self_bias.repeat_interleave(attn.n_heads, dim=0)
-        ctx = el_attend(attn.expand_query(a), rows=rows, rows_bias=self_bias)
+        ctx = el_attend(
+            attn.expand_query(a), shared=shared, shared_bias=shared_bias, rows=rows,
+            rows_bias=el_bias(self_bias, attn.n_heads),
+        )  # fmt: skip
         x = self.residual(norm, x, attn.el_output(ctx, T))
-        norm, attn = self.encoder_attn_layer_norm, self.encoder_attn
-        c = self.sublayer_input(norm, x)
-        ctx = el_attend(attn.expand_query(c), shared=memory, shared_bias=memory_bias)
-        x = self.residual(norm, x, attn.el_output(ctx, T))
+        if memory is not None:
+            norm, attn = self.encoder_attn_layer_norm, self.encoder_attn
+            c = self.sublayer_input(norm, x)
+            ctx = el_attend(attn.expand_query(c), shared=memory, shared_bias=memory_bias)
+            x = self.residual(norm, x, attn.el_output(ctx, T))
         return self.feed_forward(x)
 
-    def forward_kv(self, x, extend, self_bias, cross_k, cross_v, memory_bias):
+    def forward_kv(self, x, extend, self_bias, cross_k=None, cross_v=None, memory_bias=None):
         """Standard mode (HF/Optimum): per-row K/V caches; cross K/V [N, h, S, dh] per row.
 
-        `extend` takes this step's K and V [N, h, T, dh] and returns all keys and values attended
-        to, each [N, h, R, dh]. Returns x [N, T, d].
+        `extend` takes this step's self-attention input a [N, T, d] and its K and V [N, h, T, dh], and
+        returns all keys and values attended to, each [N, h, R, dh]; self_bias broadcastable to
+        [N, h, T, R]. Returns x [N, T, d].
         """
         norm, attn = self.self_attn_layer_norm, self.self_attn
         a = self.sublayer_input(norm, x)
-        k, v = extend(*attn.keys_values(a))
+        k, v = extend(a, *attn.keys_values(a))
         x = self.residual(norm, x, attn.attend_kv(a, k, v, self_bias))
-        norm = self.encoder_attn_layer_norm
-        c = self.sublayer_input(norm, x)
-        x = self.residual(norm, x, self.encoder_attn.attend_kv(c, cross_k, cross_v, memory_bias))
+        if cross_k is not None:
+            norm = self.encoder_attn_layer_norm
+            c = self.sublayer_input(norm, x)
+            x = self.residual(norm, x, self.encoder_attn.attend_kv(c, cross_k, cross_v, memory_bias))
         return self.feed_forward(x)

@@ -116,7 +116,7 @@ def test_decoder_layer_el_steps_equal_kv_steps(p):
         cache["el"] = torch.cat([cache["el"], a], dim=1)
         return cache["el"]
 
-    def extend_kv(k_new, v_new):
+    def extend_kv(_a, k_new, v_new):
         cache["k"], cache["v"] = torch.cat([cache["k"], k_new], dim=2), torch.cat([cache["v"], v_new], dim=2)
         return cache["k"], cache["v"]
 

@@ -66,5 +66,5 @@ def test_checkpoint_with_missing_weights_lists_them():
     hf = tiny_model("bart")
     state = hf.state_dict()
     hf.state_dict = lambda: {k: v for k, v in state.items() if "fc1" not in k}
-    with pytest.raises(CheckpointError, match="missing model.encoder.layers.0.fc1.weight"):
+    with pytest.raises(CheckpointError, match="missing the weight for encoder.layers.0.fc1.weight"):
         build_from_hf(hf)

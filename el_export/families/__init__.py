@@ -19,9 +19,9 @@ class Family:
 
     name: str
     kind: str  # "seq2seq" | "decoder-only"
-    spec_from_config: Callable  # HF config -> spec (raises UnsupportedModelError)
+    spec_from_config: Callable  # HF config -> ModelSpec (raises UnsupportedModelError)
     build: Callable  # spec -> nn.Module with the shared blocks
-    hf_key: Callable[[str], str]  # our state-dict key -> the HF checkpoint's key
+    weight: Callable[[dict, str], "torch.Tensor | None"]  # (HF state dict, our key) -> tensor, None if missing
 
 
 _BY_CONFIG: dict[str, Family] = {}
@@ -107,17 +107,16 @@ def build_from_hf(hf_model: nn.Module) -> tuple[nn.Module, Family]:
     with torch.device(next(hf_model.parameters()).device):  # initialise where the weights already are
         model = family.build(spec)
     source = hf_model.state_dict()
-    target = model.state_dict()
-    problems = []
-    for key, tensor in target.items():
-        hf_key = family.hf_key(key)
-        if hf_key not in source:
-            problems.append(f"missing {hf_key}")
-        elif source[hf_key].shape != tensor.shape:
-            problems.append(f"{hf_key} has shape {tuple(source[hf_key].shape)}, expected {tuple(tensor.shape)}")
+    weights, problems = {}, []
+    for key, tensor in model.state_dict().items():
+        weights[key] = family.weight(source, key)
+        if weights[key] is None:
+            problems.append(f"missing the weight for {key}")
+        elif weights[key].shape != tensor.shape:
+            problems.append(
+                f"{key} has shape {tuple(weights[key].shape)} in the checkpoint, expected {tuple(tensor.shape)}"
+            )
     if problems:
         raise CheckpointError(f"{family.name} checkpoint does not match its config: " + "; ".join(problems))
-    with torch.no_grad():
-        for key, tensor in target.items():
-            tensor.copy_(source[family.hf_key(key)])
+    model.load_state_dict(weights, strict=True)
     return model.eval(), family

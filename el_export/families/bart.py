@@ -13,7 +13,7 @@ import math
 from el_export.errors import UnsupportedModelError
 from el_export.families import Family, register
 from el_export.layers import LayerSpec
-from el_export.seq2seq import Seq2SeqLM, Seq2SeqSpec
+from el_export.models import ModelSpec, Seq2SeqLM
 
 _OPTIONS = {  # model_type -> (pre_norm, position_offset, layernorm_embedding, final_layer_norm)
     "bart": (False, 2, True, False),
@@ -23,7 +23,7 @@ _OPTIONS = {  # model_type -> (pre_norm, position_offset, layernorm_embedding, f
 }
 
 
-def spec_from_config(config) -> Seq2SeqSpec:
+def spec_from_config(config) -> ModelSpec:
     pre_norm, offset, layernorm_embedding, final_layer_norm = _OPTIONS[config.model_type]
     for heads in (config.encoder_attention_heads, config.decoder_attention_heads):
         if config.d_model % heads:
@@ -45,7 +45,7 @@ def spec_from_config(config) -> Seq2SeqSpec:
     decoder_vocab = getattr(config, "decoder_vocab_size", None) or vocab
     if config.model_type == "marian" and getattr(config, "share_encoder_decoder_embeddings", True):
         decoder_vocab = vocab
-    return Seq2SeqSpec(
+    return ModelSpec(
         family=config.model_type,
         encoder=layer(config.encoder_attention_heads, config.encoder_ffn_dim),
         decoder=layer(config.decoder_attention_heads, config.decoder_ffn_dim),
@@ -62,9 +62,9 @@ def spec_from_config(config) -> Seq2SeqSpec:
     )
 
 
-def hf_key(key: str) -> str:
+def weight(state: dict, key: str):
     """Our names are BART's, under `model.` except the LM head and its bias."""
-    return key if key.startswith(("lm_head.", "final_logits_bias")) else "model." + key
+    return state.get(key if key.startswith(("lm_head.", "final_logits_bias")) else "model." + key)
 
 
 for _model_type, _config in [
@@ -73,4 +73,4 @@ for _model_type, _config in [
     ("marian", "MarianConfig"),
     ("pegasus", "PegasusConfig"),
 ]:
-    register(_config)(Family(_model_type, "seq2seq", spec_from_config, Seq2SeqLM, hf_key))
+    register(_config)(Family(_model_type, "seq2seq", spec_from_config, Seq2SeqLM, weight))

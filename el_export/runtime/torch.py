@@ -177,7 +177,7 @@ def load_torch(
     from el_export.families import build_from_hf
     from el_export.generator import Generator
     from el_export.graphs import graphs_for
-    from el_export.seq2seq import MODES
+    from el_export.models import MODES
     from el_export.tokenizer import Tokenizer
 
     if mode not in MODES:

@@ -1,0 +1,335 @@
+"""Language models assembled from the shared layers: an encoder-decoder and a decoder-only model.
+
+Module names mirror BART's checkpoint layout (encoder.layers.0.self_attn.q_proj, lm_head, ...), so
+families map weights with a rename at most. Every decoder step runs in either mode: `el`
+(EL-attention: caches each layer's input, reads the encoder output, or a decoder-only prompt, once
+per input) or `kv` (the HF/Optimum baseline: per-row K/V caches).
+
+Decoder steps come in two cache layouts. Growing: the step takes the past cache and returns it
+with this step's rows appended (the exported graphs). Static: the step writes its rows in place
+into a preallocated cache at `position` and masks the keys past it (fixed shapes, for CUDA graphs).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from el_export.attention import additive_mask
+from el_export.layers import DecoderLayer, EncoderLayer, LayerSpec, make_norm
+from el_export.positions import RelativePositionBias
+
+MODES = ("el", "kv")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a model needs beyond its layers. Decoder-only models have no encoder."""
+
+    family: str
+    decoder: LayerSpec
+    decoder_layers: int
+    vocab_size: int  # decoder / LM-head vocabulary
+    max_positions: int | None  # None: relative positions only, no table to run past
+    encoder: LayerSpec | None = None
+    encoder_layers: int = 0
+    encoder_vocab_size: int = 0
+    position_offset: int = 0  # BART and mBART index their learned table from 2
+    relative_buckets: int = 0  # > 0: T5's bucketed relative position bias instead of a position table
+    relative_max_distance: int = 0
+    embed_scale: float = 1.0
+    layernorm_embedding: bool = False  # a LayerNorm right after the embeddings (BART, mBART)
+    final_layer_norm: bool = False  # a norm after the last layer (mBART, Pegasus, T5, GPT-2)
+    final_logits_bias: bool = False
+    logits_scale: float = 1.0  # T5 with tied embeddings scales the decoder output by d_model**-0.5
+
+    @property
+    def d_model(self) -> int:
+        return self.decoder.d_model
+
+
+class Stack(nn.Module):
+    """Embeddings, layers and final norm of one encoder or decoder stack."""
+
+    def __init__(self, spec: ModelSpec, layer: LayerSpec, n_layers: int, vocab_size: int, bidirectional: bool):
+        super().__init__()
+        d = spec.d_model
+        self.embed_tokens = nn.Embedding(vocab_size, d)
+        self.embed_positions = None
+        if spec.max_positions is not None and not spec.relative_buckets:
+            self.embed_positions = nn.Embedding(spec.max_positions + spec.position_offset, d)
+        self.relative_bias = None
+        if spec.relative_buckets:
+            self.relative_bias = RelativePositionBias(
+                layer.n_heads, spec.relative_buckets, spec.relative_max_distance, bidirectional
+            )
+        self.layernorm_embedding = nn.LayerNorm(d) if spec.layernorm_embedding else None
+        self.layer_norm = make_norm(layer) if spec.final_layer_norm else None
+        self.offset, self.scale = spec.position_offset, spec.embed_scale
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[N, T] token ids at `positions` ([T] or [N, T]) -> [N, T, d]"""
+        x = self.embed_tokens(input_ids)
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(positions + self.offset)
+        return x if self.layernorm_embedding is None else self.layernorm_embedding(x)
+
+    def position_bias(self, query_positions: torch.Tensor, key_length) -> torch.Tensor | None:
+        """Relative position bias [h, T, R] for queries at `query_positions` [T]; None without one."""
+        return None if self.relative_bias is None else self.relative_bias(query_positions, key_length)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.layer_norm is None else self.layer_norm(x)
+
+
+class Encoder(Stack):
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec, spec.encoder, spec.encoder_layers, spec.encoder_vocab_size, bidirectional=True)
+        self.layers = nn.ModuleList(EncoderLayer(spec.encoder) for _ in range(spec.encoder_layers))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, S] ids and mask -> encoder output H [B, S, d]"""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embed(input_ids, positions)
+        bias = additive_mask(attention_mask, x.dtype)[:, None, None, :]  # [B, 1, 1, S]
+        relative = self.position_bias(positions, input_ids.shape[1])
+        if relative is not None:
+            bias = bias + relative[None]  # [B, h, S, S]
+        for layer in self.layers:
+            x = layer(x, bias)
+        return self.finish(x)
+
+
+class Decoder(Stack):
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec, spec.decoder, spec.decoder_layers, spec.vocab_size, bidirectional=False)
+        self.layers = nn.ModuleList(DecoderLayer(spec.decoder) for _ in range(spec.decoder_layers))
+
+    def self_bias(self, T: int, start, key_length, like: torch.Tensor) -> torch.Tensor | None:
+        """Self-attention bias [h or 1, T, R] for T tokens from position `start` over R keys.
+
+        Growing caches: R = start + T and only a causal mask (T > 1) and position bias apply.
+        Static caches (T = 1, `start` a tensor): keys past `start` are unfilled and masked.
+        """
+        queries = torch.arange(T, device=like.device) + start  # [T]
+        bias = None
+        if T > 1 or isinstance(start, torch.Tensor):
+            keys = torch.arange(key_length, device=like.device)
+            bias = additive_mask(keys[None, :] <= queries[:, None], like.dtype)[None]  # [1, T, R]
+        relative = self.position_bias(queries, key_length)
+        if relative is not None:
+            bias = relative.to(like.dtype) if bias is None else bias + relative
+        return bias
+
+
+class _LM(nn.Module):
+    """The decoder and LM head shared by both kinds of model."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.decoder = Decoder(spec)
+        self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        if spec.final_logits_bias:
+            self.register_buffer("final_logits_bias", torch.zeros(1, spec.vocab_size))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder output [N, T, d] -> float32 logits of the last position [N, V]."""
+        h = self.decoder.finish(x[:, -1])
+        if self.spec.logits_scale != 1.0:
+            h = h * self.spec.logits_scale
+        logits = self.lm_head(h)
+        if self.spec.final_logits_bias:
+            logits = logits + self.final_logits_bias
+        return logits.float()
+
+    def _run_el(self, x, extend, self_bias, memory=None, memory_bias=None, shared=None, shared_bias=None):
+        """shared: [L, B, P, d], a decoder-only prompt's per-layer self-attention inputs."""
+        for i, layer in enumerate(self.decoder.layers):
+            prompt = None if shared is None else shared[i]
+            x = layer.forward_el(x, extend(i), self_bias, memory, memory_bias, prompt, shared_bias)
+        return self.logits(x)
+
+    def _run_kv(self, x, extend, self_bias, cross_kv=None, memory_bias=None):
+        for i, layer in enumerate(self.decoder.layers):
+            cross = (cross_kv[i, 0], cross_kv[i, 1]) if cross_kv is not None else (None, None)
+            x = layer.forward_kv(x, extend(i), self_bias, *cross, memory_bias)
+        return self.logits(x)
+
+
+def _growing_el(past_hidden: torch.Tensor, new_rows: list):
+    """`extend` for EL over a growing cache [L, N, t, d]: collects this step's rows per layer."""
+
+    def extend(i):
+        def rows(a):
+            new_rows.append(a)
+            return torch.cat([past_hidden[i], a], dim=1)
+
+        return rows
+
+    return extend
+
+
+def _growing_kv(past_kv: torch.Tensor, present: list):
+    """`extend` for K/V over a growing cache [L, 2, N, h, t, dh]."""
+
+    def extend(i):
+        def keys_values(_a, k_new, v_new):
+            k, v = torch.cat([past_kv[i, 0], k_new], dim=2), torch.cat([past_kv[i, 1], v_new], dim=2)
+            present.append(torch.stack([k, v]))
+            return k, v
+
+        return keys_values
+
+    return extend
+
+
+def _static_el(cache: torch.Tensor, position: torch.Tensor):
+    """`extend` for EL over a preallocated cache [L, N, C, d], written at `position` in place."""
+
+    def extend(i):
+        def rows(a):
+            cache[i].index_copy_(1, position, a)
+            return cache[i]
+
+        return rows
+
+    return extend
+
+
+def _static_kv(cache: torch.Tensor, position: torch.Tensor):
+    """`extend` for K/V over a preallocated cache [L, 2, N, h, C, dh], written at `position`."""
+
+    def extend(i):
+        def keys_values(_a, k_new, v_new):
+            cache[i, 0].index_copy_(2, position, k_new)
+            cache[i, 1].index_copy_(2, position, v_new)
+            return cache[i, 0], cache[i, 1]
+
+        return keys_values
+
+    return extend
+
+
+class Seq2SeqLM(_LM):
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec)
+        self.encoder = Encoder(spec)
+
+    def cross_keys_values(self, memory: torch.Tensor) -> torch.Tensor:
+        """kv mode: every layer's cross K/V of the encoder output. [B, S, d] -> [L, 2, B, h, S, dh]"""
+        kv = [torch.stack(layer.encoder_attn.keys_values(memory)) for layer in self.decoder.layers]
+        return torch.stack(kv)
+
+    def _start(self, input_ids, start, key_length, like):
+        T = input_ids.shape[1]
+        x = self.decoder.embed(input_ids, torch.arange(T, device=input_ids.device) + start)
+        return x, self.decoder.self_bias(T, start, key_length, like)
+
+    def step_el(self, input_ids, memory, memory_mask, past_hidden):
+        """EL decoder step.
+
+        input_ids [N, T]; memory [B, S, d] (one copy per input, N = B*k); memory_mask [B, S];
+        past_hidden [L, N, t, d] -> (logits [N, V], present_hidden [L, N, t+T, d]).
+        """
+        t, new_rows = past_hidden.shape[2], []
+        x, self_bias = self._start(input_ids, t, t + input_ids.shape[1], memory)
+        memory_bias = additive_mask(memory_mask, x.dtype)[:, None, :]  # [B, 1, S]
+        logits = self._run_el(x, _growing_el(past_hidden, new_rows), self_bias, memory=memory, memory_bias=memory_bias)
+        return logits, torch.cat([past_hidden, torch.stack(new_rows)], dim=2)
+
+    def step_el_static(self, input_ids, memory, memory_mask, cache, position):
+        """EL step over a preallocated cache [L, N, C, d] written at `position` (int64 [1]) -> logits [N, V]."""
+        x, self_bias = self._start(input_ids, position, cache.shape[2], memory)
+        memory_bias = additive_mask(memory_mask, x.dtype)[:, None, :]
+        return self._run_el(x, _static_el(cache, position), self_bias, memory=memory, memory_bias=memory_bias)
+
+    def step_kv(self, input_ids, cross_kv, memory_mask, past_kv):
+        """Standard (HF/Optimum) decoder step.
+
+        input_ids [N, T]; cross_kv [L, 2, N, h, S, dh] (repeated per row); memory_mask [N, S];
+        past_kv [L, 2, N, h, t, dh] -> (logits [N, V], present_kv [L, 2, N, h, t+T, dh]).
+        """
+        t, present = past_kv.shape[4], []
+        x, self_bias = self._start(input_ids, t, t + input_ids.shape[1], cross_kv)
+        memory_bias = additive_mask(memory_mask, x.dtype)[:, None, None, :]  # [N, 1, 1, S]
+        logits = self._run_kv(x, _growing_kv(past_kv, present), self_bias, cross_kv, memory_bias)
+        return logits, torch.stack(present)
+
+    def step_kv_static(self, input_ids, cross_kv, memory_mask, cache, position):
+        """Standard step over a preallocated K/V cache [L, 2, N, h, C, dh] written at `position`."""
+        x, self_bias = self._start(input_ids, position, cache.shape[4], cross_kv)
+        memory_bias = additive_mask(memory_mask, x.dtype)[:, None, None, :]
+        return self._run_kv(x, _static_kv(cache, position), self_bias, cross_kv, memory_bias)
+
+
+class DecoderOnlyLM(_LM):
+    """A decoder-only model (GPT-2). The prompt runs once (prefill); then one token per step.
+
+    EL: the prompt's per-layer self-attention inputs [L, B, P, d] are kept once per input and read
+    by all its beams; only generated tokens are cached per row. K/V: the prompt's K/V are repeated
+    per row and grow with the generated tokens, as HF/Optimum decode.
+    """
+
+    def _prompt(self, input_ids, attention_mask):
+        """Positions as HF generate derives them from a left-padded mask, and the prompt's bias."""
+        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # [B, P]
+        x = self.decoder.embed(input_ids, positions)
+        keys = torch.arange(input_ids.shape[1], device=input_ids.device)
+        allowed = (keys[None, :] <= keys[:, None])[None] & (attention_mask[:, None, :] != 0)  # [B, P, P]
+        return x, additive_mask(allowed, x.dtype)[:, None]  # [B, 1, P, P]
+
+    def prefill_el(self, input_ids, attention_mask):
+        """[B, P] prompt -> (logits [B, V] of the next token, prompt_hidden [L, B, P, d]).
+
+        The prompt attends to itself the standard way (cheaper than EL for a whole sequence); what
+        is kept is each layer's self-attention input, the EL cache.
+        """
+        x, bias = self._prompt(input_ids, attention_mask)
+        hidden = []
+
+        def extend(i):
+            def record(a, k, v):
+                hidden.append(a)
+                return k, v
+
+            return record
+
+        logits = self._run_kv(x, extend, bias)
+        return logits, torch.stack(hidden)
+
+    def prefill_kv(self, input_ids, attention_mask):
+        """[B, P] prompt -> (logits [B, V], past_kv [L, 2, B, h, P, dh])."""
+        x, bias = self._prompt(input_ids, attention_mask)
+        present = []
+        logits = self._run_kv(x, _growing_kv(_empty_kv(self, x), present), bias)
+        return logits, torch.stack(present)
+
+    def step_el(self, input_ids, position_ids, prompt_hidden, prompt_mask, past_hidden):
+        """EL step. input_ids, position_ids [N, 1]; prompt_hidden [L, B, P, d] and prompt_mask [B, P]
+        (once per input); past_hidden [L, N, t, d] -> (logits [N, V], present_hidden [L, N, t+1, d])."""
+        new_rows = []
+        x = self.decoder.embed(input_ids, position_ids)
+        shared_bias = additive_mask(prompt_mask, x.dtype)[:, None, :]  # [B, 1, P]
+        logits = self._run_el(
+            x, _growing_el(past_hidden, new_rows), None, shared=prompt_hidden, shared_bias=shared_bias
+        )
+        return logits, torch.cat([past_hidden, torch.stack(new_rows)], dim=2)
+
+    def step_kv(self, input_ids, position_ids, prompt_mask, past_kv):
+        """K/V step. prompt_mask [N, P]; past_kv [L, 2, N, h, P+t, dh] (the prompt's K/V per row, then
+        the generated tokens') -> (logits [N, V], present_kv [L, 2, N, h, P+t+1, dh])."""
+        present = []
+        x = self.decoder.embed(input_ids, position_ids)
+        R = past_kv.shape[4] + 1
+        attended = torch.ones(prompt_mask.shape[0], R - prompt_mask.shape[1], dtype=prompt_mask.dtype, device=x.device)
+        bias = additive_mask(torch.cat([prompt_mask, attended], dim=1), x.dtype)[:, None, None, :]  # [N, 1, 1, R]
+        logits = self._run_kv(x, _growing_kv(past_kv, present), bias)
+        return logits, torch.stack(present)
+
+
+def _empty_kv(model: _LM, like: torch.Tensor) -> torch.Tensor:
+    spec = model.spec.decoder
+    return like.new_zeros(model.spec.decoder_layers, 2, like.shape[0], spec.n_heads, 0, spec.d_head)
