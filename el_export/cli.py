@@ -187,7 +187,7 @@ def _inspect(args) -> int:
 
     manifest = read_manifest(args.bundle)
     dims = manifest.dims
-    source_len = args.source_len or dims["max_positions"]
+    source_len = args.source_len or dims["max_positions"] or 512  # relative positions have no limit
     for name in ("batch_size", "num_beams", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1")

@@ -21,9 +21,8 @@ from el_export.families import build_from_hf, family_for
 from el_export.graphs import float_dtype, graphs_for, sample_inputs
 from el_export.models import MODES
 from el_export.progress import Steps
+from el_export.tolerance import graph_close
 
-# How far an exported graph may be from its PyTorch module (both fp32, other shapes than traced).
-EXPORT_CHECK_TOLERANCE = {"float32": {"atol": 1e-4, "rtol": 1e-3}}
 CHECK_SIZES = ({"batch": 1, "rows": 1, "source": 1, "past": 0}, {"batch": 3, "rows": 12, "source": 9, "past": 7})
 
 # generation_config keys that describe bookkeeping, not search.
@@ -186,11 +185,9 @@ def export_graph(graph: torch.nn.Module, path: Path, opset: int | None = None, e
 
 def check_graph(graph: torch.nn.Module, path: Path) -> None:
     """Run the exported graph in ONNX Runtime on shapes it was not traced with; compare with PyTorch."""
-    import numpy as np
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    tol = EXPORT_CHECK_TOLERANCE["float32"]
     for sizes in CHECK_SIZES:
         inputs = sample_inputs(graph, sizes, seed=1)
         with torch.no_grad():
@@ -198,11 +195,10 @@ def check_graph(graph: torch.nn.Module, path: Path) -> None:
         expected = expected if isinstance(expected, tuple) else (expected,)
         got = session.run(None, {s.name: t.numpy() for s, t in zip(graph.inputs, inputs, strict=True)})
         for spec, e, g in zip(graph.outputs, expected, got, strict=True):
-            e = e.numpy()
-            if e.shape != g.shape or not np.allclose(g, e, **tol):
-                err = float(np.abs(g - e).max()) if e.shape == g.shape else f"shape {g.shape} != {e.shape}"
+            ok, error = graph_close(g, e.float().numpy(), "float32")
+            if not ok:
                 raise ExportError(
-                    f"{path.name} output {spec.name} differs from PyTorch at {sizes}: max abs error {err}"
+                    f"{path.name} output {spec.name} differs from PyTorch at {sizes}: max abs error {error}"
                 )
 
 

@@ -31,7 +31,8 @@ class Generator:
         return cls(manifest, backend, Tokenizer.from_bundle(bundle_dir, manifest))
 
     @property
-    def max_source_positions(self) -> int:
+    def max_source_positions(self) -> int | None:
+        """The model's position limit; None for relative positions (T5), which have no table to run past."""
         return self.manifest.dims["max_positions"]
 
     def generate(self, input_ids=None, attention_mask=None, decoder_input_ids=None, **kwargs) -> SearchOutput:
@@ -71,7 +72,7 @@ class Generator:
             max_position_embeddings=self.max_source_positions,
             **kwargs,
         )
-        if options.max_length > self.max_source_positions:
+        if self.max_source_positions is not None and options.max_length > self.max_source_positions:
             raise InvalidArgumentError(
                 f"max_length {options.max_length} is past the decoder's {self.max_source_positions} positions; "
                 "lower max_new_tokens / max_length"
@@ -121,7 +122,7 @@ class Generator:
         B, S = input_ids.shape
         if B == 0 or S == 0:
             raise InputError(f"input_ids is empty ({B} inputs of {S} tokens); give at least one token per input")
-        if S > self.max_source_positions:
+        if self.max_source_positions is not None and S > self.max_source_positions:
             raise InputError(
                 f"inputs are {S} tokens but the model takes at most {self.max_source_positions}; truncate them"
             )

@@ -112,7 +112,7 @@ def sample_inputs(graph: nn.Module, sizes: dict[str, int] | None = None, seed: i
     """Random inputs that satisfy a graph's contract (masks all ones but the last input's tail)."""
     sizes = {**SAMPLE_SIZES, **(sizes or {})}
     generator = torch.Generator().manual_seed(seed)
-    vocab = min(graph.model.spec.vocab_size, graph.model.spec.encoder_vocab_size)
+    vocab = min(graph.model.spec.vocab_size, graph.model.spec.encoder_vocab_size or graph.model.spec.vocab_size)
     tensors = []
     for spec in graph.inputs:
         shape = [sizes[a] if isinstance(a, str) else a for a in spec.shape]

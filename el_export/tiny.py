@@ -17,37 +17,38 @@ CORPUS = [
     "Speech recognition, translation and summarization all decode one token at a time.",
 ]
 
-# model_type -> HF config class name and the special tokens its tiny checkpoint uses.
-_FAMILIES = {
-    "bart": ("BartConfig", {"decoder_start_token_id": 2}),
-    "mbart": ("MBartConfig", {}),
-    "marian": ("MarianConfig", {"decoder_start_token_id": 1, "forced_eos_token_id": 2}),
-    "pegasus": ("PegasusConfig", {"pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}),
+_BART_LIKE = dict(
+    d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, init_std=0.5,
+    bos_token_id=0, pad_token_id=1, eos_token_id=2,
+)  # fmt: skip
+_T5_LIKE = dict(
+    d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, initializer_factor=4.0,
+    relative_attention_num_buckets=8, relative_attention_max_distance=20,
+    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+)  # fmt: skip
+
+# label -> HF config class and its tiny settings; every registered family has at least one label.
+_TINY = {
+    "bart": ("BartConfig", {**_BART_LIKE, "decoder_start_token_id": 2}),
+    "mbart": ("MBartConfig", _BART_LIKE),
+    "marian": ("MarianConfig", {**_BART_LIKE, "decoder_start_token_id": 1, "forced_eos_token_id": 2}),
+    "pegasus": ("PegasusConfig", {**_BART_LIKE, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}),
+    "t5": ("T5Config", {**_T5_LIKE, "feed_forward_proj": "relu"}),  # v1.0: ReLU, tied, output scaled
+    "t5-v1_1": ("T5Config", {**_T5_LIKE, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}),
+    "mt5": ("MT5Config", {**_T5_LIKE, "feed_forward_proj": "gated-gelu"}),
 }
-FAMILIES = tuple(_FAMILIES)
+FAMILIES = tuple(_TINY)
 
 
 def tiny_config(family: str, vocab_size: int = 96, **overrides):
     import transformers
 
-    class_name, tokens = _FAMILIES[family]
-    ids = {"bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2, **tokens}
-    if family == "marian":
-        ids["decoder_vocab_size"] = vocab_size
-    config = dict(
-        vocab_size=vocab_size,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-        init_std=0.5,
-        **ids,
-    )
-    return getattr(transformers, class_name)(**{**config, **overrides})
+    class_name, settings = _TINY[family]
+    settings = {**settings, "vocab_size": vocab_size}
+    if class_name == "MarianConfig":
+        settings["decoder_vocab_size"] = vocab_size
+    return getattr(transformers, class_name)(**{**settings, **overrides})
 
 
 def tiny_model(family: str, seed: int = 0, vocab_size: int = 96, **overrides):
@@ -56,8 +57,9 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int = 96, **overrides):
 
     torch.manual_seed(seed)
     model = AutoModelForSeq2SeqLM.from_config(tiny_config(family, vocab_size, **overrides)).eval()
-    with torch.no_grad():  # a non-zero final_logits_bias, so the export must carry it
-        model.final_logits_bias.normal_(0.0, 0.5)
+    if hasattr(model, "final_logits_bias"):
+        with torch.no_grad():  # a non-zero final_logits_bias, so the export must carry it
+            model.final_logits_bias.normal_(0.0, 0.5)
     return model
 
 
