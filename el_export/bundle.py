@@ -50,6 +50,7 @@ class Manifest:
     tokenizer: str | None = None
     exporter: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
+    fp32_modules: dict = field(default_factory=dict)  # {"modules": [...], "reason": ...} in fp16 bundles
 
     def to_json(self) -> dict:
         return {
@@ -74,6 +75,7 @@ class Manifest:
             "files": self.files,
             "exporter": self.exporter,
             "source": self.source,
+            "fp32_modules": self.fp32_modules,
         }
 
     @classmethod
@@ -127,6 +129,7 @@ class Manifest:
             tokenizer=tokenizer,
             exporter=data.get("exporter", {}),
             source=data.get("source", {}),
+            fp32_modules=data.get("fp32_modules", {}),
         )
 
 

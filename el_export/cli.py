@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="local checkpoint directory (or a hub id when a hub is reachable)")
     p.add_argument("--out", type=Path, help="bundle directory to create (default: graphs/<name>-<mode>)")
     p.add_argument("--mode", choices=("el", "kv"), default="el", help="decoder: EL-attention (default) or K/V baseline")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="graph precision; float16 keeps the modules a family knows to overflow in float32",
+    )
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -116,8 +122,8 @@ def _export(args) -> int:
     out = args.out or DEFAULT_OUT / f"{Path(args.model.rstrip('/')).name}-{args.mode}"
     hf_model, tokenizer = load_checkpoint(args.model)
     manifest = export_model(
-        hf_model, out, mode=args.mode, opset=args.opset, tokenizer=tokenizer, overwrite=args.overwrite,
-        source=args.model,
+        hf_model, out, mode=args.mode, dtype=args.dtype, opset=args.opset, tokenizer=tokenizer,
+        overwrite=args.overwrite, source=args.model,
     )  # fmt: skip
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2))

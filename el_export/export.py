@@ -17,7 +17,7 @@ from torch.export import Dim
 from el_export import __version__
 from el_export.bundle import GraphEntry, Manifest, file_entries, write_manifest, writing_bundle
 from el_export.errors import CheckpointError, ExportError, InvalidArgumentError
-from el_export.families import build_from_hf, family_for
+from el_export.families import build_from_hf, cast, family_for
 from el_export.graphs import float_dtype, graphs_for, sample_inputs
 from el_export.models import MODES
 from el_export.progress import Steps
@@ -83,6 +83,7 @@ def export_model(
     out_dir: str | os.PathLike,
     *,
     mode: str = "el",
+    dtype: str = "float32",
     opset: int | None = None,
     tokenizer=None,
     overwrite: bool = False,
@@ -96,6 +97,7 @@ def export_model(
         hf_model: a loaded `transformers` model of a supported family.
         out_dir: the bundle directory to create (atomically: a failure leaves nothing).
         mode: "el" (EL-attention decoder) or "kv" (the standard K/V-cache baseline).
+        dtype: "float32" or "float16" (modules a family knows to overflow stay fp32; see the manifest).
         opset: ONNX opset; None lets the exporter choose.
         tokenizer: an HF fast tokenizer to ship as tokenizer.json (optional).
         overwrite: replace an existing bundle at `out_dir`.
@@ -111,10 +113,13 @@ def export_model(
     """
     if mode not in MODES:
         raise InvalidArgumentError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if dtype not in ("float32", "float16"):
+        raise InvalidArgumentError(f"dtype {dtype!r} is not one of float32, float16")
     steps = Steps(["build", "encoder", "decoder_step", "bundle"], enabled=progress)
     with steps, writing_bundle(out_dir, overwrite=overwrite) as tmp:
         steps.start("build", f"building the {mode} graphs")
         model, family = build_from_hf(hf_model)
+        kept = cast(model, family, dtype)
         graphs = graphs_for(model, mode)
         entries = {}
         for graph in graphs:
@@ -131,6 +136,7 @@ def export_model(
             tokenizer=tokenizer_file,
             exporter=_versions(_opset_of(tmp / "decoder_step.onnx")),
             source={"model": source, "config_class": type(hf_model.config).__name__},
+            fp32_modules={"modules": kept, "reason": family.fp32_reason} if kept else {},
         )
         write_manifest(tmp, manifest)
         steps.done()
@@ -185,6 +191,7 @@ def export_graph(graph: torch.nn.Module, path: Path, opset: int | None = None, e
 
 def check_graph(graph: torch.nn.Module, path: Path) -> None:
     """Run the exported graph in ONNX Runtime on shapes it was not traced with; compare with PyTorch."""
+    import numpy as np
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -195,7 +202,7 @@ def check_graph(graph: torch.nn.Module, path: Path) -> None:
         expected = expected if isinstance(expected, tuple) else (expected,)
         got = session.run(None, {s.name: t.numpy() for s, t in zip(graph.inputs, inputs, strict=True)})
         for spec, e, g in zip(graph.outputs, expected, got, strict=True):
-            ok, error = graph_close(g, e.float().numpy(), "float32")
+            ok, error = graph_close(g.astype(np.float32), e.float().numpy(), float_dtype(graph.model))
             if not ok:
                 raise ExportError(
                     f"{path.name} output {spec.name} differs from PyTorch at {sizes}: max abs error {error}"

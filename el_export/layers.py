@@ -112,7 +112,12 @@ class _Residual(nn.Module):
         norm = self.final_layer_norm
         u = self.sublayer_input(norm, x)
         h = self.act(self.fc1(u)) if self.fc_up is None else self.act(self.fc1(u)) * self.fc_up(u)
-        return self.residual(norm, x, self.fc2(h))
+        out = self.fc2(h.to(self.fc2.weight.dtype))
+        if out.dtype == x.dtype:
+            return self.residual(norm, x, out)
+        # fc2 kept in fp32 where fp16 overflows (T5): add in fp32, clamp into fp16's range, as HF does
+        limit = torch.finfo(x.dtype).max - 1000
+        return self.residual(norm, x.to(out.dtype), out).clamp(-limit, limit).to(x.dtype)
 
 
 class EncoderLayer(_Residual):

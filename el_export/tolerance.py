@@ -4,11 +4,16 @@ Per output, |a - b| <= atol + rtol |b| with atol = scale x the output's peak mag
 sums (dot products of width d instead of d_h), so fp32 rounding grows with magnitude: on the tiny
 test models (init std 0.5) fp32 PyTorch EL itself sits ~2e-5 x peak from a float64 evaluation, the
 K/V path ~4e-6 x peak. Token parity with HF is checked separately and exactly.
+
+float16 graphs are compared with the float16 PyTorch module, whose own rounding differs from ONNX
+Runtime's (accumulation order, fused kernels): on the tiny T5 (init factor 4, activations ~15)
+the two sit up to ~5% of peak apart, so the float16 check is a wiring check (a wrong graph is off by
+O(peak)), not a precision claim.
 """
 
 import numpy as np
 
-GRAPH_TOLERANCE = {"float32": {"scale": 5e-5, "rtol": 1e-3}}
+GRAPH_TOLERANCE = {"float32": {"scale": 5e-5, "rtol": 1e-3}, "float16": {"scale": 1e-1, "rtol": 5e-2}}
 SCORE_TOLERANCE = 1e-4  # |sequences_scores - HF generate's|, fp32
 
 

@@ -4,7 +4,9 @@ import json
 
 import onnx
 import pytest
+import torch
 
+import el_export
 from el_export import export as export_module
 from el_export.bundle import FORMAT_VERSION, read_manifest, sha256
 from el_export.compare import compare_graphs
@@ -94,3 +96,31 @@ def test_existing_bundle_is_kept_without_overwrite(tmp_path):
 def test_unknown_mode_is_refused(tmp_path):
     with pytest.raises(InvalidArgumentError, match="mode"):
         export_model(tiny_model("bart"), tmp_path / "b", mode="paged", progress=False)
+
+
+def test_float16_export_keeps_t5_feed_forward_output_in_float32(tmp_path, hf_models):
+    import numpy as np
+
+    from el_export.compare import compare_graphs
+    from el_export.families import cast
+
+    out = tmp_path / "t5-fp16"
+    manifest = export_model(hf_models("t5-v1_1"), out, dtype="float16", progress=False)
+    assert manifest.dtype == "float16"
+    assert manifest.graphs["decoder_step"].input("past_hidden").dtype == "float16"
+    assert manifest.graphs["decoder_step"].output("logits").dtype == "float32"
+    kept = manifest.fp32_modules["modules"]
+    assert (
+        "decoder.layers.0.fc2" in kept
+        and "encoder.layers.1.fc2" in kept
+        and "overflow" in manifest.fp32_modules["reason"]
+    )
+    proto = onnx.load(str(out / "decoder_step.onnx"))
+    weights = [t for t in proto.graph.initializer if len(t.dims) == 2]  # matrices, not folded constants
+    fp32_weights = [sorted(t.dims) for t in weights if t.data_type == onnx.TensorProto.FLOAT]
+    assert fp32_weights == [[32, 64]] * 2  # the two decoder layers' fc2 ([d_model, d_ff]); the rest is fp16
+    model, family = build_from_hf(hf_models("t5-v1_1"))
+    cast(model, family, "float16")
+    assert all(c.passed for c in compare_graphs(out, read_manifest(out), model))
+    out_ids = el_export.load(out).generate(input_ids=[[5, 6, 7, 1]], num_beams=2, max_new_tokens=4).sequences
+    assert out_ids.dtype == torch.int64 and np.all(out_ids.numpy() >= 0)

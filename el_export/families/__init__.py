@@ -22,6 +22,9 @@ class Family:
     spec_from_config: Callable  # HF config -> ModelSpec (raises UnsupportedModelError)
     build: Callable  # spec -> nn.Module with the shared blocks
     weight: Callable[[dict, str], "torch.Tensor | None"]  # (HF state dict, our key) -> tensor, None if missing
+    # Modules (fnmatch patterns over our module names) that stay fp32 in fp16 graphs, and why.
+    fp32_modules: tuple[str, ...] = ()
+    fp32_reason: str = ""
 
 
 _BY_CONFIG: dict[str, Family] = {}
@@ -120,3 +123,20 @@ def build_from_hf(hf_model: nn.Module) -> tuple[nn.Module, Family]:
         raise CheckpointError(f"{family.name} checkpoint does not match its config: " + "; ".join(problems))
     model.load_state_dict(weights, strict=True)
     return model.eval(), family
+
+
+def cast(model: nn.Module, family: Family, dtype: str) -> list[str]:
+    """Cast a built model to `dtype`, keeping the family's overflow-prone modules in fp32.
+
+    Returns:
+        The names of the modules kept in fp32 (empty for float32).
+    """
+    import fnmatch
+
+    model.to(getattr(torch, dtype))
+    if dtype == "float32":
+        return []
+    kept = [name for name, _ in model.named_modules() if any(fnmatch.fnmatch(name, p) for p in family.fp32_modules)]
+    for name in kept:
+        model.get_submodule(name).float()
+    return kept

@@ -81,4 +81,10 @@ def weight(state: dict, key: str):
 
 
 for _model_type, _config in [("t5", "T5Config"), ("mt5", "MT5Config")]:
-    register(_config)(Family(_model_type, "seq2seq", spec_from_config, Seq2SeqLM, weight))
+    register(_config)(
+        Family(
+            _model_type, "seq2seq", spec_from_config, Seq2SeqLM, weight,
+            fp32_modules=("*.fc2",),
+            fp32_reason="T5's feed-forward output overflows float16 (HF keeps `wo` in float32 too)",
+        )
+    )  # fmt: skip
