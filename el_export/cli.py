@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-beams", type=int, default=4)
-    p.add_argument("--source-len", type=int, help="default: the model's max positions")
+    p.add_argument("--source-len", type=int, help="source (or prompt) length; default: the model's max positions")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_inspect)
@@ -198,12 +198,12 @@ def _inspect(args) -> int:
         if getattr(args, name) < 1:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1")
     workload = Workload(args.batch_size, args.num_beams, source_len, args.max_new_tokens)
-    costs = {mode: cache_bytes(mode, dims, workload, manifest.dtype) for mode in ("el", "kv")}
+    costs = {mode: cache_bytes(mode, dims, workload, manifest.dtype, manifest.kind) for mode in ("el", "kv")}
     if args.json:
         print(json.dumps({
             "manifest": manifest.to_json(),
             "workload": vars(workload),
-            "cache_bytes": {m: {"cross": c.cross, "self": c.self_attention, "total": c.total}
+            "cache_bytes": {m: {"context": c.context, "generated": c.generated, "total": c.total}
                             for m, c in costs.items()},
         }, indent=2))  # fmt: skip
         return 0
@@ -219,9 +219,10 @@ def _inspect(args) -> int:
     print(f"generation  {json.dumps(manifest.generation_defaults)}")
     el, kv = costs["el"], costs["kv"]
     rows = [
-        ("cross-attention", human_bytes(el.cross), human_bytes(kv.cross), f"{kv.cross / el.cross:.1f}x"),
-        ("self-attention", human_bytes(el.self_attention), human_bytes(kv.self_attention),
-         f"{kv.self_attention / el.self_attention:.1f}x"),
+        ("prompt (per layer)" if manifest.kind == "decoder-only" else "encoder output / cross K-V",
+         human_bytes(el.context), human_bytes(kv.context), f"{kv.context / el.context:.1f}x"),
+        ("generated tokens", human_bytes(el.generated), human_bytes(kv.generated),
+         f"{kv.generated / el.generated:.1f}x"),
         ("total", human_bytes(el.total), human_bytes(kv.total), f"{kv.total / el.total:.1f}x"),
     ]  # fmt: skip
     title = (

@@ -18,9 +18,9 @@ from el_export.graphs import graphs_for, sample_inputs
 from el_export.tolerance import GRAPH_TOLERANCE, SCORE_TOLERANCE, graph_atol
 
 COMPARE_SIZES = (
-    {"batch": 1, "rows": 1, "source": 1, "past": 0},
-    {"batch": 1, "rows": 1, "source": 11, "past": 1},
-    {"batch": 3, "rows": 12, "source": 13, "past": 5},
+    {"batch": 1, "rows": 1, "source": 1, "past": 0, "prompt": 1, "context": 1},
+    {"batch": 1, "rows": 1, "source": 11, "past": 1, "prompt": 9, "context": 10},
+    {"batch": 3, "rows": 12, "source": 13, "past": 5, "prompt": 7, "context": 12},
 )
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -172,6 +172,8 @@ def _inputs(generator, batch_size: int):
     mask = torch.ones_like(input_ids)
     for i in range(1, batch_size):  # a different amount of padding per input
         mask[i, max(1, S - 3 * i) :] = 0
+    if generator.manifest.kind == "decoder-only":  # prompts are left-padded
+        mask = mask.flip(1)
     input_ids[mask == 0] = generator.manifest.special_tokens.get("pad_token_id") or 0
     return input_ids, mask
 

@@ -52,7 +52,7 @@ def run_demo(out_dir: Path, num_beams: int = 4, max_new_tokens: int = 24, progre
                 seconds[mode] = time.perf_counter() - start
                 sequences[mode] = out.sequences
                 workload = Workload(1, num_beams, ids.shape[1], out.sequences.shape[1])
-                costs[mode] = cache_bytes(mode, generator.manifest.dims, workload).total
+                costs[mode] = cache_bytes(mode, generator.manifest.dims, workload, kind=generator.manifest.kind).total
             with torch.no_grad():
                 ref = hf_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
             same = all(torch.equal(s, ref) for s in sequences.values())

@@ -23,7 +23,10 @@ from el_export.models import MODES
 from el_export.progress import Steps
 from el_export.tolerance import graph_close
 
-CHECK_SIZES = ({"batch": 1, "rows": 1, "source": 1, "past": 0}, {"batch": 3, "rows": 12, "source": 9, "past": 7})
+CHECK_SIZES = (
+    {"batch": 1, "rows": 1, "source": 1, "past": 0, "prompt": 1, "context": 1},
+    {"batch": 3, "rows": 12, "source": 9, "past": 7, "prompt": 6, "context": 13},
+)
 
 # generation_config keys that describe bookkeeping, not search.
 _NOT_GENERATION = {

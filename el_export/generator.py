@@ -53,9 +53,15 @@ class Generator:
             InvalidArgumentError: invalid generation arguments.
         """
         input_ids, attention_mask = self._check_source(input_ids, attention_mask)
-        B = input_ids.shape[0]
         defaults = {**self.manifest.special_tokens, **self.manifest.generation_defaults}
         defaults = {k: v for k, v in defaults.items() if v is not None}
+        if self.manifest.kind == "decoder-only":
+            if decoder_input_ids is not None:
+                raise InvalidArgumentError(
+                    "decoder_input_ids is for encoder-decoder models; put the prompt in input_ids"
+                )
+            return self._generate_decoder_only(input_ids, attention_mask, defaults, kwargs)
+        B = input_ids.shape[0]
         start = kwargs.get(
             "decoder_start_token_id", defaults.get("decoder_start_token_id", defaults.get("bos_token_id"))
         )
@@ -65,10 +71,28 @@ class Generator:
         if decoder_input_ids is not None:
             given = torch.as_tensor(decoder_input_ids, dtype=torch.int64).reshape(B, -1)
             prompt = given if (given[:, 0] == start).all() else torch.cat([prompt, given], dim=1)
+        options = self._options(defaults, prompt.shape[1], True, kwargs)
+        device = self.backend.device
+        encoded = self.encode(input_ids.to(device), attention_mask.to(device))
+        decoder = self.backend.make_decoder({**encoded, "encoder_mask": attention_mask.to(device)})
+        return generate_ids(decoder, prompt.to(device), options)
+
+    def _generate_decoder_only(self, input_ids, attention_mask, defaults, kwargs) -> SearchOutput:
+        """The prompt runs once (prefill); sequences include it, as HF returns them."""
+        options = self._options(defaults, input_ids.shape[1], False, kwargs)
+        device = self.backend.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        prefill = self.backend.run("prefill", {"input_ids": input_ids, "attention_mask": attention_mask})
+        next_position = attention_mask.sum(dim=1, keepdim=True)  # HF: positions count attended tokens
+        context = {**prefill, "prompt_mask": attention_mask, "position_ids": next_position}
+        decoder = self.backend.make_decoder(context)
+        return generate_ids(decoder, input_ids, options, prompt_mask=attention_mask)
+
+    def _options(self, defaults: dict, prompt_length: int, is_encoder_decoder: bool, kwargs: dict):
         options = resolve_options(
             defaults,
-            prompt_length=prompt.shape[1],
-            is_encoder_decoder=True,
+            prompt_length=prompt_length,
+            is_encoder_decoder=is_encoder_decoder,
             max_position_embeddings=self.max_source_positions,
             **kwargs,
         )
@@ -77,10 +101,7 @@ class Generator:
                 f"max_length {options.max_length} is past the decoder's {self.max_source_positions} positions; "
                 "lower max_new_tokens / max_length"
             )
-        device = self.backend.device
-        encoded = self.encode(input_ids.to(device), attention_mask.to(device))
-        decoder = self.backend.make_decoder({**encoded, "encoder_mask": attention_mask.to(device)})
-        return generate_ids(decoder, prompt.to(device), options)
+        return options
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the encoder graph, in chunks of `encoder_batch_size` inputs when set."""
@@ -97,12 +118,15 @@ class Generator:
         return {s.name: torch.cat([p[s.name] for p in parts], dim=s.shape.index("batch")) for s in outputs}
 
     def generate_text(self, texts: str | list[str], truncation: bool = False, **kwargs) -> list[str]:
-        """Text in, text out. With num_return_sequences > 1 the outputs of one input are adjacent."""
+        """Text in, text out (for decoder-only models, the continuation alone). With num_return_sequences > 1
+        the outputs of one input are adjacent."""
         if self.tokenizer is None:
             raise InvalidArgumentError("this model has no tokenizer (none was exported); pass token ids to generate()")
         texts = [texts] if isinstance(texts, str) else list(texts)
         input_ids, mask = self.tokenizer.encode(texts, max_length=self.max_source_positions, truncation=truncation)
         out = self.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        if self.manifest.kind == "decoder-only":  # the continuation, not the prompt it starts with
+            return self.tokenizer.decode(out.sequences[:, input_ids.shape[1] :])
         return self.tokenizer.decode(out.sequences)
 
     def _check_source(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,14 +150,24 @@ class Generator:
             raise InputError(
                 f"inputs are {S} tokens but the model takes at most {self.max_source_positions}; truncate them"
             )
-        vocab = self.manifest.dims["encoder_vocab_size"]
+        vocab = self.manifest.dims["encoder_vocab_size"] or self.manifest.dims["vocab_size"]  # decoder-only: 0
         if input_ids.min() < 0 or input_ids.max() >= vocab:
             raise InputError(f"input_ids holds ids outside the vocabulary [0, {vocab})")
-        if attention_mask is None:  # HF: encoder-decoders attend to every token, pads included
-            attention_mask = torch.ones_like(input_ids)
+        if attention_mask is None:
+            attention_mask = self._default_mask(input_ids)
         attention_mask = torch.as_tensor(attention_mask).to(torch.int64).cpu()
         if attention_mask.shape != input_ids.shape:
             raise InputError(f"attention_mask {list(attention_mask.shape)} does not match input_ids {[B, S]}")
         if (attention_mask.sum(dim=1) == 0).any():
             raise InputError("an input has an all-zero attention_mask (no tokens); remove it or give tokens")
         return input_ids, attention_mask
+
+    def _default_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """HF's rule: encoder-decoders attend to every token, pads included; decoder-only prompts mask
+        the pad token where it occurs and is not also an eos token."""
+        pad = self.manifest.special_tokens.get("pad_token_id")
+        eos = self.manifest.special_tokens.get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) else (eos or [])
+        if self.manifest.kind == "decoder-only" and pad is not None and pad not in eos and (input_ids == pad).any():
+            return input_ids.ne(pad).to(torch.int64)
+        return torch.ones_like(input_ids)

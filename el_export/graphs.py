@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from el_export.models import MODES, Seq2SeqLM
+from el_export.models import MODES, DecoderOnlyLM, Seq2SeqLM
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class TensorSpec:
 
 # Sizes used to trace. Each dynamic axis gets a distinct value >= 2 so that the exporter can neither
 # specialise it (0/1) nor unify it with another axis of the same size.
-SAMPLE_SIZES = {"batch": 2, "rows": 6, "source": 5, "past": 3}
+SAMPLE_SIZES = {"batch": 2, "rows": 6, "source": 5, "past": 3, "prompt": 4, "context": 7}
 
 
 def float_dtype(model: nn.Module) -> str:
@@ -104,7 +104,78 @@ class DecoderStepGraph(nn.Module):
         return step(input_ids, memory, encoder_mask, past)
 
 
-def graphs_for(model: Seq2SeqLM, mode: str) -> list[nn.Module]:
+class PrefillGraph(nn.Module):
+    """Decoder-only: the prompt, once. EL keeps each layer's prompt hidden states once per input;
+    K/V returns the prompt's K/V, which the runtime repeats per row as HF does."""
+
+    name = "prefill"
+
+    def __init__(self, model: DecoderOnlyLM, mode: str):
+        super().__init__()
+        assert mode in MODES
+        self.model, self.mode = model, mode
+        spec, f = model.spec, float_dtype(model)
+        d, L, h, dh, V = spec.d_model, spec.decoder_layers, spec.decoder.n_heads, spec.decoder.d_head, spec.vocab_size
+        self.inputs = (
+            TensorSpec("input_ids", "int64", ("batch", "prompt")),
+            TensorSpec("attention_mask", "int64", ("batch", "prompt")),
+        )
+        cache = (
+            TensorSpec("prompt_hidden", f, (L, "batch", "prompt", d))
+            if mode == "el"
+            else TensorSpec("past_kv", f, (L, 2, "batch", h, "prompt", dh))
+        )
+        self.outputs = (TensorSpec("logits", "float32", ("batch", V)), cache)
+
+    def forward(self, input_ids, attention_mask):
+        prefill = self.model.prefill_el if self.mode == "el" else self.model.prefill_kv
+        return prefill(input_ids, attention_mask)
+
+
+class DecoderOnlyStepGraph(nn.Module):
+    """Decoder-only step with explicit positions (left-padded prompts start at different offsets)."""
+
+    name = "decoder_step"
+
+    def __init__(self, model: DecoderOnlyLM, mode: str):
+        super().__init__()
+        assert mode in MODES
+        self.model, self.mode = model, mode
+        spec, f = model.spec, float_dtype(model)
+        d, L, h, dh, V = spec.d_model, spec.decoder_layers, spec.decoder.n_heads, spec.decoder.d_head, spec.vocab_size
+        head = (TensorSpec("input_ids", "int64", ("rows", 1)), TensorSpec("position_ids", "int64", ("rows", 1)))
+        logits = TensorSpec("logits", "float32", ("rows", V))
+        if mode == "el":
+            self.inputs = (
+                *head,
+                TensorSpec("prompt_hidden", f, (L, "batch", "prompt", d)),
+                TensorSpec("prompt_mask", "int64", ("batch", "prompt")),
+                TensorSpec("past_hidden", f, (L, "rows", "past", d)),
+            )
+            self.outputs = (logits, TensorSpec("present_hidden", f, (L, "rows", "past+1", d)))
+        else:  # the prompt's K/V and then the generated tokens' ("context" = prompt + past)
+            self.inputs = (
+                *head,
+                TensorSpec("prompt_mask", "int64", ("rows", "prompt")),
+                TensorSpec("past_kv", f, (L, 2, "rows", h, "context", dh)),
+            )
+            self.outputs = (logits, TensorSpec("present_kv", f, (L, 2, "rows", h, "context+1", dh)))
+
+
+class _DecoderOnlyStepEL(DecoderOnlyStepGraph):
+    def forward(self, input_ids, position_ids, prompt_hidden, prompt_mask, past_hidden):
+        return self.model.step_el(input_ids, position_ids, prompt_hidden, prompt_mask, past_hidden)
+
+
+class _DecoderOnlyStepKV(DecoderOnlyStepGraph):
+    def forward(self, input_ids, position_ids, prompt_mask, past_kv):
+        return self.model.step_kv(input_ids, position_ids, prompt_mask, past_kv)
+
+
+def graphs_for(model: nn.Module, mode: str) -> list[nn.Module]:
+    if isinstance(model, DecoderOnlyLM):
+        step = _DecoderOnlyStepEL if mode == "el" else _DecoderOnlyStepKV  # the exporter needs explicit arguments
+        return [PrefillGraph(model, mode), step(model, mode)]
     return [EncoderGraph(model, mode), DecoderStepGraph(model, mode)]
 
 
@@ -118,6 +189,8 @@ def sample_inputs(graph: nn.Module, sizes: dict[str, int] | None = None, seed: i
         shape = [sizes[a] if isinstance(a, str) else a for a in spec.shape]
         if spec.name == "input_ids":
             tensors.append(torch.randint(0, vocab, shape, generator=generator))
+        elif spec.name == "position_ids":
+            tensors.append(torch.randint(0, graph.model.spec.max_positions, shape, generator=generator))
         elif spec.dtype == "int64":  # masks: pad the tail of the last row, keep the first position
             mask = torch.ones(shape, dtype=torch.int64)
             mask[-1, max(1, shape[1] // 2) :] = 0

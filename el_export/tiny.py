@@ -38,12 +38,17 @@ _TINY = {
     "t5-v1_1": ("T5Config", {**_T5_LIKE, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}),
     "mt5": ("MT5Config", {**_T5_LIKE, "feed_forward_proj": "gated-gelu"}),
 }
-FAMILIES = tuple(_TINY)
+FAMILIES = tuple(_TINY)  # encoder-decoders
+# Decoder-only: GPT-2, eos 1 doubling as pad (as GPT-2 checkpoints have no pad token).
+_GPT2 = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.5, bos_token_id=0, eos_token_id=1)
+DECODER_ONLY = ("gpt2",)
 
 
 def tiny_config(family: str, vocab_size: int = 96, **overrides):
     import transformers
 
+    if family == "gpt2":
+        return transformers.GPT2Config(**{**_GPT2, "vocab_size": vocab_size, **overrides})
     class_name, settings = _TINY[family]
     settings = {**settings, "vocab_size": vocab_size}
     if class_name == "MarianConfig":
@@ -53,10 +58,11 @@ def tiny_config(family: str, vocab_size: int = 96, **overrides):
 
 def tiny_model(family: str, seed: int = 0, vocab_size: int = 96, **overrides):
     """A seeded random-init HF seq2seq model of `family`, in eval mode."""
-    from transformers import AutoModelForSeq2SeqLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     torch.manual_seed(seed)
-    model = AutoModelForSeq2SeqLM.from_config(tiny_config(family, vocab_size, **overrides)).eval()
+    auto = AutoModelForCausalLM if family in DECODER_ONLY else AutoModelForSeq2SeqLM
+    model = auto.from_config(tiny_config(family, vocab_size, **overrides)).eval()
     if hasattr(model, "final_logits_bias"):
         with torch.no_grad():  # a non-zero final_logits_bias, so the export must carry it
             model.final_logits_bias.normal_(0.0, 0.5)

@@ -25,7 +25,7 @@ class Tokenizer:
     def from_bundle(cls, bundle_dir: Path, manifest) -> "Tokenizer | None":
         if manifest.tokenizer is None:
             return None
-        return cls((bundle_dir / manifest.tokenizer).read_text(), manifest.special_tokens.get("pad_token_id"))
+        return cls((bundle_dir / manifest.tokenizer).read_text(), *_padding(manifest))
 
     @classmethod
     def from_hf(cls, tokenizer, manifest) -> "Tokenizer | None":
@@ -33,7 +33,7 @@ class Tokenizer:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             return None
-        return cls(backend.to_str(), manifest.special_tokens.get("pad_token_id"))
+        return cls(backend.to_str(), *_padding(manifest))
 
     def encode(self, texts: list[str], max_length: int | None = None, truncation: bool = False):
         """Texts -> (input_ids, attention_mask) int64 [B, S], padded on `padding_side`.
@@ -68,3 +68,13 @@ class Tokenizer:
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [self._tok.decode(row, skip_special_tokens=True) for row in ids.tolist()]
+
+
+def _padding(manifest) -> tuple[int | None, str]:
+    """Pad id (HF falls back to eos) and side: decoder-only prompts are left-padded, as HF requires."""
+    tokens = manifest.special_tokens
+    pad = tokens.get("pad_token_id")
+    if pad is None:
+        eos = tokens.get("eos_token_id")
+        pad = eos[0] if isinstance(eos, list) else eos
+    return pad, "left" if manifest.kind == "decoder-only" else "right"

@@ -63,8 +63,8 @@ def test_inspect_shows_the_el_cross_cache_2_layers_beams_smaller(cli_bundle, cap
     report = json.loads(capsys.readouterr().out)
     layers = report["manifest"]["dims"]["decoder_layers"]
     el, kv = report["cache_bytes"]["el"], report["cache_bytes"]["kv"]
-    assert kv["cross"] == el["cross"] * 2 * layers * 4
-    assert kv["self"] == el["self"] * 2
+    assert kv["context"] == el["context"] * 2 * layers * 4
+    assert kv["generated"] == el["generated"] * 2
     assert main(["inspect", str(cli_bundle)]) == 0
     assert "kv / el" in capsys.readouterr().out
 
@@ -113,3 +113,14 @@ def test_bundle_with_a_changed_file(cli_bundle, tmp_path, capsys):
     (copy / "tokenizer.json").write_text("{}")
     assert main(["generate", str(copy), "x"]) == 4
     assert "sha256" in _error_line(capsys)
+
+
+def test_inspect_gpt2_prompt_once_per_input(bundles, capsys):
+    args = ["inspect", str(bundles("gpt2", "el")), "--batch-size", "8", "--num-beams", "4", "--source-len", "32"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    dims, el, kv = report["manifest"]["dims"], report["cache_bytes"]["el"], report["cache_bytes"]["kv"]
+    assert el["context"] == dims["decoder_layers"] * 8 * 32 * dims["d_model"] * 4  # once per input
+    assert kv["context"] == el["context"] * 2 * 4 and kv["generated"] == el["generated"] * 2
+    assert main(args) == 0
+    assert "prompt (per layer)" in capsys.readouterr().out

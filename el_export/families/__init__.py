@@ -95,7 +95,7 @@ def supported_config_names() -> list[str]:
 
 def _load_builtin_families() -> None:
     """Import the built-in family modules (explicitly, not as a side effect of import order)."""
-    from el_export.families import bart, t5  # noqa: F401
+    from el_export.families import bart, gpt2, t5  # noqa: F401
 
 
 def build_from_hf(hf_model: nn.Module) -> tuple[nn.Module, Family]:

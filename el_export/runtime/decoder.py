@@ -1,10 +1,13 @@
-"""The step decoder over a bundle's `decoder_step` graph, for any backend and either mode.
+"""The step decoder over a bundle's `decoder_step` graph, for any backend, mode and model kind.
 
 Driven by the manifest: step inputs named `past_*` are caches fed back from the matching
-`present_*` outputs and gathered on the device when beams reorder; every other input is context
-from the encoder. Context whose contract axis is "batch" is passed once per input (EL: the encoder
-output is never repeated per beam); context on the "rows" axis (the K/V baseline's cross K/V and
-mask) is repeated per row once, at start.
+`present_*` outputs and gathered on the device when beams reorder; they start empty, or from the
+context (a decoder-only prompt's K/V). `position_ids` advance by one per step. Every other input is
+context from the encoder or the prefill: context on the "batch" axis is passed once per input (EL:
+the encoder output, or the prompt's hidden states, is never repeated per beam); context on the
+"rows" axis (the K/V baseline's cross K/V, prompt K/V and masks) is repeated per row once, at start.
+A context holding `logits` (a prefill's) gives the first token's logits; otherwise the decoder
+prompt is fed one token per step.
 """
 
 import torch
@@ -29,13 +32,15 @@ class GraphDecoder:
         for spec in self.graph.inputs:
             if spec.name == "input_ids":
                 continue
-            if spec.name.startswith("past_"):
+            if spec.name.startswith("past_") and spec.name not in self.context:
                 shape = [0 if a == "past" else B * k if a == "rows" else a for a in spec.shape]
                 self.state[spec.name] = torch.zeros(shape, dtype=DTYPES[spec.dtype], device=device)
             elif "rows" in spec.shape:
                 self.state[spec.name] = self.context[spec.name].repeat_interleave(k, dim=spec.shape.index("rows"))
             else:
                 self.state[spec.name] = self.context[spec.name]
+        if "logits" in self.context:  # the prompt already ran (decoder-only prefill)
+            return self.context["logits"].repeat_interleave(k, dim=0)
         rows = prompt_ids.to(device).repeat_interleave(k, dim=0)  # [N, P]
         for p in range(rows.shape[1]):
             logits = self.step(rows[:, p : p + 1])
@@ -46,6 +51,8 @@ class GraphDecoder:
         for name in self.state:
             if name.startswith("past_"):
                 self.state[name] = outputs["present_" + name.removeprefix("past_")]
+        if "position_ids" in self.state:
+            self.state["position_ids"] = self.state["position_ids"] + 1
         return outputs["logits"]
 
     def reorder(self, row_indices: torch.Tensor) -> None:

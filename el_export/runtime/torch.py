@@ -190,6 +190,8 @@ def load_torch(
     if isinstance(model, str):
         model, tokenizer = load_checkpoint(model)
     built, family = build_from_hf(model)
+    if (static_cache or cuda_graphs) and family.kind != "seq2seq":
+        raise InvalidArgumentError("static_cache / cuda_graphs are implemented for encoder-decoder models only")
     built = built.to(device=device, dtype=DTYPES[dtype])
     graphs = [g.eval() for g in graphs_for(built, mode)]
     manifest = describe(model, graphs, family)
