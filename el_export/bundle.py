@@ -51,6 +51,7 @@ class Manifest:
     exporter: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     fp32_modules: dict = field(default_factory=dict)  # {"modules": [...], "reason": ...} in fp16 bundles
+    audio: dict = field(default_factory=dict)  # speech models: feature settings and the mel filter file
 
     def to_json(self) -> dict:
         return {
@@ -76,6 +77,7 @@ class Manifest:
             "exporter": self.exporter,
             "source": self.source,
             "fp32_modules": self.fp32_modules,
+            "audio": self.audio,
         }
 
     @classmethod
@@ -116,6 +118,15 @@ class Manifest:
         tokenizer = data.get("tokenizer")
         if tokenizer is not None and tokenizer not in files:
             raise BundleError(f"manifest names tokenizer {tokenizer!r}, which is not in its files list")
+        audio = data.get("audio") or {}
+        if not isinstance(audio, dict):
+            raise BundleError("manifest field 'audio' is not an object")
+        if audio:
+            fields = ("sampling_rate", "n_fft", "hop_length", "chunk_length", "n_mels")
+            if audio.get("mel_filters") not in files or not all(isinstance(audio.get(k), int) for k in fields):
+                raise BundleError(
+                    f"manifest field 'audio' needs integer {', '.join(fields)} and a listed mel_filters file"
+                )
         return cls(
             family=data["family"],
             kind=data["kind"],
@@ -130,6 +141,7 @@ class Manifest:
             exporter=data.get("exporter", {}),
             source=data.get("source", {}),
             fp32_modules=data.get("fp32_modules", {}),
+            audio=audio,
         )
 
 

@@ -117,13 +117,13 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _export(args) -> int:
-    from el_export.export import export_model, load_checkpoint
+    from el_export.export import export_model, load_checkpoint, load_feature_extractor
 
     out = args.out or DEFAULT_OUT / f"{Path(args.model.rstrip('/')).name}-{args.mode}"
     hf_model, tokenizer = load_checkpoint(args.model)
     manifest = export_model(
         hf_model, out, mode=args.mode, dtype=args.dtype, opset=args.opset, tokenizer=tokenizer,
-        overwrite=args.overwrite, source=args.model,
+        feature_extractor=load_feature_extractor(args.model), overwrite=args.overwrite, source=args.model,
     )  # fmt: skip
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2))

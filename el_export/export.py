@@ -15,6 +15,7 @@ import torch
 from torch.export import Dim
 
 from el_export import __version__
+from el_export.audio import FeatureSpec
 from el_export.bundle import GraphEntry, Manifest, file_entries, write_manifest, writing_bundle
 from el_export.errors import CheckpointError, ExportError, InvalidArgumentError
 from el_export.families import build_from_hf, cast, family_for
@@ -50,7 +51,7 @@ def load_checkpoint(model: str):
         CheckpointError: not found, unreadable, or not a generation model.
         UnsupportedModelError: the architecture is not supported (with the reason).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -68,7 +69,9 @@ def load_checkpoint(model: str):
         where = "local directory" if local.exists() else "local directory, and the hub did not serve it"
         raise CheckpointError(f"cannot read the config of {model!r} ({where}): {first}") from None
     family = family_for(config)
-    auto = AutoModelForSeq2SeqLM if family.kind == "seq2seq" else AutoModelForCausalLM
+    import transformers
+
+    auto = getattr(transformers, family.auto_model)
     try:
         hf_model = auto.from_pretrained(model).eval()
     except (OSError, ValueError, RuntimeError) as e:
@@ -89,6 +92,7 @@ def export_model(
     dtype: str = "float32",
     opset: int | None = None,
     tokenizer=None,
+    feature_extractor=None,
     overwrite: bool = False,
     external_data: bool | None = None,
     progress: bool = True,
@@ -103,6 +107,7 @@ def export_model(
         dtype: "float32" or "float16" (modules a family knows to overflow stay fp32; see the manifest).
         opset: ONNX opset; None lets the exporter choose.
         tokenizer: an HF fast tokenizer to ship as tokenizer.json (optional).
+        feature_extractor: a speech model's `WhisperFeatureExtractor` (default: Whisper's standard one).
         overwrite: replace an existing bundle at `out_dir`.
         external_data: store weights beside the graph; None does so only past 2 GB.
         progress: show a progress display on stderr.
@@ -133,6 +138,7 @@ def export_model(
             entries[graph.name] = graph
         steps.start("bundle", "writing the bundle")
         tokenizer_file = _save_tokenizer(tokenizer, tmp)
+        audio = _save_audio_features(hf_model, feature_extractor, tmp) if model.spec.n_mels else {}
         manifest = replace(
             describe(hf_model, graphs, family),
             files=file_entries(tmp),
@@ -140,6 +146,7 @@ def export_model(
             exporter=_versions(_opset_of(tmp / "decoder_step.onnx")),
             source={"model": source, "config_class": type(hf_model.config).__name__},
             fp32_modules={"modules": kept, "reason": family.fp32_reason} if kept else {},
+            audio=audio,
         )
         write_manifest(tmp, manifest)
         steps.done()
@@ -260,6 +267,27 @@ def _save_tokenizer(tokenizer, directory: Path) -> str | None:
         return None
     backend.save(str(directory / "tokenizer.json"))
     return "tokenizer.json"
+
+
+def _save_audio_features(hf_model, feature_extractor, directory: Path) -> dict:
+    """The feature settings and mel filter bank the runtime needs to turn audio into input_features."""
+    import numpy as np
+    from transformers import WhisperFeatureExtractor
+
+    fe = feature_extractor or WhisperFeatureExtractor(feature_size=hf_model.config.num_mel_bins)
+    np.save(directory / "mel_filters.npy", np.asarray(fe.mel_filters, dtype=np.float32), allow_pickle=False)
+    spec = FeatureSpec(fe.sampling_rate, fe.n_fft, fe.hop_length, fe.chunk_length, fe.feature_size)
+    return {**spec.to_json(), "mel_filters": "mel_filters.npy"}
+
+
+def load_feature_extractor(model: str):
+    """A checkpoint's feature extractor, if it is a speech model (None otherwise)."""
+    from transformers import AutoFeatureExtractor
+
+    try:
+        return AutoFeatureExtractor.from_pretrained(model)
+    except (OSError, ValueError):
+        return None
 
 
 def _opset_of(path: Path) -> int:

@@ -3,8 +3,10 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from el_export import speech
 from el_export.bundle import Manifest, read_manifest
 from el_export.errors import InputError, InvalidArgumentError
 from el_export.runtime import make_backend
@@ -15,8 +17,9 @@ from el_export.tokenizer import Tokenizer
 class Generator:
     """A loaded bundle: encoder + step decoder on a backend, search, and (if shipped) a tokenizer."""
 
-    def __init__(self, manifest: Manifest, backend, tokenizer: Tokenizer | None = None):
+    def __init__(self, manifest: Manifest, backend, tokenizer: Tokenizer | None = None, mel_filters=None):
         self.manifest, self.backend, self.tokenizer = manifest, backend, tokenizer
+        self.mel_filters = mel_filters  # speech models: [n_freqs, n_mels] float32
         # Inputs per encoder call: the encoder's activations grow with batch x source^2, the decoder's
         # state only with batch x source, so large batches encode in chunks. None: all at once.
         self.encoder_batch_size: int | None = None
@@ -28,21 +31,39 @@ class Generator:
         bundle_dir = Path(bundle_dir)
         manifest = read_manifest(bundle_dir, verify=verify)
         backend = make_backend(backend, bundle_dir, manifest, **options)
-        return cls(manifest, backend, Tokenizer.from_bundle(bundle_dir, manifest))
+        mel_filters = None
+        if manifest.audio:
+            array = np.load(bundle_dir / manifest.audio["mel_filters"], allow_pickle=False)
+            mel_filters = torch.from_numpy(np.asarray(array, dtype=np.float32))
+        return cls(manifest, backend, Tokenizer.from_bundle(bundle_dir, manifest), mel_filters)
 
     @property
     def max_source_positions(self) -> int | None:
         """The model's position limit; None for relative positions (T5), which have no table to run past."""
         return self.manifest.dims["max_positions"]
 
-    def generate(self, input_ids=None, attention_mask=None, decoder_input_ids=None, **kwargs) -> SearchOutput:
-        """Generate with the semantics and output layout of HF `generate`.
+    def generate(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        decoder_input_ids=None,
+        input_features=None,
+        audio=None,
+        language: str | None = None,
+        task: str | None = None,
+        **kwargs,
+    ) -> SearchOutput:
+        """Generate with the semantics and output layout of HF `generate` (`return_dict_in_generate`).
 
         Args:
-            input_ids: int64 [B, S] source token ids (tensor or nested lists).
-            attention_mask: int64 [B, S]; all ones when omitted, as HF does for encoder-decoders.
+            input_ids: int64 [B, S] source token ids (tensor or nested lists); for decoder-only
+                models the (left-padded) prompt.
+            attention_mask: int64 [B, S]; omitted, HF's default (all ones for encoder-decoders).
             decoder_input_ids: int64 [B, P] decoder prompt; decoder_start_token_id is prepended
                 when it does not already start it.
+            input_features, audio: speech models: log-mel features [B, mels, frames], or audio
+                (WAV/FLAC paths, or 16 kHz mono float arrays), one of the two.
+            language, task: multilingual Whisper ("en", "transcribe" / "translate"); detected if omitted.
             **kwargs: HF generation arguments (num_beams, max_new_tokens, length_penalty, ...).
 
         Returns:
@@ -52,9 +73,12 @@ class Generator:
             InputError: empty input, token ids outside the vocabulary, too long for the model.
             InvalidArgumentError: invalid generation arguments.
         """
+        if self.manifest.audio:
+            return self._generate_speech(input_features, audio, language, task, kwargs)
+        if input_features is not None or audio is not None or language is not None or task is not None:
+            raise InvalidArgumentError("input_features, audio, language and task are for speech models")
         input_ids, attention_mask = self._check_source(input_ids, attention_mask)
-        defaults = {**self.manifest.special_tokens, **self.manifest.generation_defaults}
-        defaults = {k: v for k, v in defaults.items() if v is not None}
+        defaults = self._defaults()
         if self.manifest.kind == "decoder-only":
             if decoder_input_ids is not None:
                 raise InvalidArgumentError(
@@ -73,9 +97,27 @@ class Generator:
             prompt = given if (given[:, 0] == start).all() else torch.cat([prompt, given], dim=1)
         options = self._options(defaults, prompt.shape[1], True, kwargs)
         device = self.backend.device
-        encoded = self.encode(input_ids.to(device), attention_mask.to(device))
+        encoded = self.encode({"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)})
         decoder = self.backend.make_decoder({**encoded, "encoder_mask": attention_mask.to(device)})
         return generate_ids(decoder, prompt.to(device), options)
+
+    def _generate_speech(self, input_features, audio, language, task, kwargs) -> SearchOutput:
+        """Whisper, short-form: the encoder over 30 s of features, then the decoder from HF's prompt."""
+        features = speech.features(self.manifest, self.mel_filters, input_features, audio)
+        defaults = self._defaults()
+        encoded = self.encode({"input_features": features.to(self.backend.device)})
+        B, S = encoded["encoder_hidden"].shape[:2]
+        context = {**encoded, "encoder_mask": torch.ones(B, S, dtype=torch.int64, device=self.backend.device)}
+        sot = torch.full((B, 1), defaults["decoder_start_token_id"], device=self.backend.device)
+        prompt = speech.decoder_prompt(
+            defaults, B, language, task, detect=lambda: self.backend.make_decoder(context).start(sot, 1)
+        )
+        options = self._options(defaults, prompt.shape[1], True, kwargs)
+        return generate_ids(self.backend.make_decoder(context), prompt.to(self.backend.device), options)
+
+    def _defaults(self) -> dict:
+        defaults = {**self.manifest.special_tokens, **self.manifest.generation_defaults}
+        return {k: v for k, v in defaults.items() if v is not None}
 
     def _generate_decoder_only(self, input_ids, attention_mask, defaults, kwargs) -> SearchOutput:
         """The prompt runs once (prefill); sequences include it, as HF returns them."""
@@ -103,25 +145,26 @@ class Generator:
             )
         return options
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the encoder graph, in chunks of `encoder_batch_size` inputs when set."""
-        chunk = self.encoder_batch_size or input_ids.shape[0]
+        B = next(iter(feeds.values())).shape[0]
+        chunk = self.encoder_batch_size or B
         parts = [
-            self.backend.run(
-                "encoder", {"input_ids": input_ids[i : i + chunk], "attention_mask": attention_mask[i : i + chunk]}
-            )
-            for i in range(0, input_ids.shape[0], chunk)
+            self.backend.run("encoder", {name: t[i : i + chunk] for name, t in feeds.items()})
+            for i in range(0, B, chunk)
         ]
         if len(parts) == 1:
             return parts[0]
         outputs = self.manifest.graphs["encoder"].outputs
         return {s.name: torch.cat([p[s.name] for p in parts], dim=s.shape.index("batch")) for s in outputs}
 
-    def generate_text(self, texts: str | list[str], truncation: bool = False, **kwargs) -> list[str]:
-        """Text in, text out (for decoder-only models, the continuation alone). With num_return_sequences > 1
-        the outputs of one input are adjacent."""
+    def generate_text(self, texts, truncation: bool = False, **kwargs) -> list[str]:
+        """Text in, text out (decoder-only models: the continuation alone; speech models: audio in, the
+        transcript out). With num_return_sequences > 1 the outputs of one input are adjacent."""
         if self.tokenizer is None:
             raise InvalidArgumentError("this model has no tokenizer (none was exported); pass token ids to generate()")
+        if self.manifest.audio:
+            return self.tokenizer.decode(self.generate(audio=texts, **kwargs).sequences)
         texts = [texts] if isinstance(texts, str) else list(texts)
         input_ids, mask = self.tokenizer.encode(texts, max_length=self.max_source_positions, truncation=truncation)
         out = self.generate(input_ids=input_ids, attention_mask=mask, **kwargs)

@@ -55,20 +55,32 @@ class EncoderGraph(nn.Module):
         self.model, self.mode = model, mode
         spec, f = model.spec, float_dtype(model)
         d, L, h, dh = spec.d_model, spec.decoder_layers, spec.decoder.n_heads, spec.decoder.d_head
-        self.inputs = (
-            TensorSpec("input_ids", "int64", ("batch", "source")),
-            TensorSpec("attention_mask", "int64", ("batch", "source")),
-        )
-        outputs = [TensorSpec("encoder_hidden", f, ("batch", "source", d))]
+        if spec.n_mels:  # audio: fixed-length log-mel frames, every frame attended (Whisper)
+            S = spec.encoder_positions
+            self.inputs = (TensorSpec("input_features", f, ("batch", spec.n_mels, 2 * S)),)
+        else:
+            S = "source"
+            self.inputs = (
+                TensorSpec("input_ids", "int64", ("batch", "source")),
+                TensorSpec("attention_mask", "int64", ("batch", "source")),
+            )
+        outputs = [TensorSpec("encoder_hidden", f, ("batch", S, d))]
         if mode == "kv":
-            outputs.append(TensorSpec("cross_kv", f, (L, 2, "batch", h, "source", dh)))
+            outputs.append(TensorSpec("cross_kv", f, (L, 2, "batch", h, S, dh)))
         self.outputs = tuple(outputs)
 
+    def outputs_of(self, hidden):
+        return hidden if self.mode == "el" else (hidden, self.model.cross_keys_values(hidden))
+
+
+class _TextEncoder(EncoderGraph):
     def forward(self, input_ids, attention_mask):
-        hidden = self.model.encoder(input_ids, attention_mask)
-        if self.mode == "el":
-            return hidden
-        return hidden, self.model.cross_keys_values(hidden)
+        return self.outputs_of(self.model.encoder(input_ids, attention_mask))
+
+
+class _AudioEncoder(EncoderGraph):
+    def forward(self, input_features):
+        return self.outputs_of(self.model.encoder(input_features))
 
 
 class DecoderStepGraph(nn.Module):
@@ -176,7 +188,8 @@ def graphs_for(model: nn.Module, mode: str) -> list[nn.Module]:
     if isinstance(model, DecoderOnlyLM):
         step = _DecoderOnlyStepEL if mode == "el" else _DecoderOnlyStepKV  # the exporter needs explicit arguments
         return [PrefillGraph(model, mode), step(model, mode)]
-    return [EncoderGraph(model, mode), DecoderStepGraph(model, mode)]
+    encoder = _AudioEncoder if model.spec.n_mels else _TextEncoder  # the exporter needs explicit arguments
+    return [encoder(model, mode), DecoderStepGraph(model, mode)]
 
 
 def sample_inputs(graph: nn.Module, sizes: dict[str, int] | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -42,6 +42,8 @@ class ModelSpec:
     final_layer_norm: bool = False  # a norm after the last layer (mBART, Pegasus, T5, GPT-2)
     final_logits_bias: bool = False
     logits_scale: float = 1.0  # T5 with tied embeddings scales the decoder output by d_model**-0.5
+    n_mels: int = 0  # > 0: an audio encoder (Whisper) reading log-mel features instead of token ids
+    encoder_positions: int | None = None  # the audio encoder's frames after its stride-2 conv (1500)
 
     @property
     def d_model(self) -> int:
@@ -100,6 +102,28 @@ class Encoder(Stack):
         for layer in self.layers:
             x = layer(x, bias)
         return self.finish(x)
+
+
+class AudioEncoder(nn.Module):
+    """Whisper's encoder: two convolutions over log-mel frames (the second halves them), fixed positions."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        d = spec.d_model
+        self.conv1 = nn.Conv1d(spec.n_mels, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(spec.encoder_positions, d)
+        self.layers = nn.ModuleList(EncoderLayer(spec.encoder) for _ in range(spec.encoder_layers))
+        self.layer_norm = make_norm(spec.encoder)
+
+    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
+        """[B, n_mels, 2 S] features -> encoder output H [B, S, d] (every frame attended)"""
+        x = torch.nn.functional.gelu(self.conv1(input_features))
+        x = torch.nn.functional.gelu(self.conv2(x)).transpose(1, 2)  # [B, S, d]
+        x = x + self.embed_positions.weight
+        for layer in self.layers:
+            x = layer(x, None)
+        return self.layer_norm(x)
 
 
 class Decoder(Stack):
@@ -216,7 +240,7 @@ def _static_kv(cache: torch.Tensor, position: torch.Tensor):
 class Seq2SeqLM(_LM):
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
-        self.encoder = Encoder(spec)
+        self.encoder = AudioEncoder(spec) if spec.n_mels else Encoder(spec)
 
     def cross_keys_values(self, memory: torch.Tensor) -> torch.Tensor:
         """kv mode: every layer's cross K/V of the encoder output. [B, S, d] -> [L, 2, B, h, S, dh]"""

@@ -42,6 +42,18 @@ FAMILIES = tuple(_TINY)  # encoder-decoders
 # Decoder-only: GPT-2, eos 1 doubling as pad (as GPT-2 checkpoints have no pad token).
 _GPT2 = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.5, bos_token_id=0, eos_token_id=1)
 DECODER_ONLY = ("gpt2",)
+# Whisper: 16 mel bins, 40 encoder frames; <|notimestamps|> is the last id, so no timestamp tokens exist
+# (HF's short-form Whisper would otherwise re-decode after a pair of them).
+_WHISPER = dict(
+    d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=40, max_target_positions=64,
+    init_std=0.5, bos_token_id=91, eos_token_id=91, pad_token_id=91, decoder_start_token_id=90,
+)  # fmt: skip
+_WHISPER_GENERATION = dict(
+    max_length=64, bos_token_id=91, eos_token_id=91, pad_token_id=91, decoder_start_token_id=90,
+    no_timestamps_token_id=95, suppress_tokens=[3, 4], begin_suppress_tokens=[5, 91], return_timestamps=False,
+)  # fmt: skip
+SPEECH = ("whisper", "whisper-multilingual")
 
 
 def tiny_config(family: str, vocab_size: int = 96, **overrides):
@@ -49,6 +61,8 @@ def tiny_config(family: str, vocab_size: int = 96, **overrides):
 
     if family == "gpt2":
         return transformers.GPT2Config(**{**_GPT2, "vocab_size": vocab_size, **overrides})
+    if family in SPEECH:
+        return transformers.WhisperConfig(**{**_WHISPER, "vocab_size": vocab_size, **overrides})
     class_name, settings = _TINY[family]
     settings = {**settings, "vocab_size": vocab_size}
     if class_name == "MarianConfig":
@@ -58,11 +72,21 @@ def tiny_config(family: str, vocab_size: int = 96, **overrides):
 
 def tiny_model(family: str, seed: int = 0, vocab_size: int = 96, **overrides):
     """A seeded random-init HF seq2seq model of `family`, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    import transformers
 
+    from el_export.families import family_for
+
+    config = tiny_config(family, vocab_size, **overrides)
     torch.manual_seed(seed)
-    auto = AutoModelForCausalLM if family in DECODER_ONLY else AutoModelForSeq2SeqLM
-    model = auto.from_config(tiny_config(family, vocab_size, **overrides)).eval()
+    model = getattr(transformers, family_for(config).auto_model).from_config(config).eval()
+    if family in SPEECH:
+        from transformers import GenerationConfig
+
+        settings = dict(_WHISPER_GENERATION, is_multilingual=family == "whisper-multilingual")
+        if family == "whisper-multilingual":  # two languages, two tasks; the language is detected
+            settings.update(lang_to_id={"<|en|>": 85, "<|fr|>": 86}, task_to_id={"transcribe": 87, "translate": 88},
+                            forced_decoder_ids=[[1, None], [2, 87]])  # fmt: skip
+        model.generation_config = GenerationConfig(**settings)
     if hasattr(model, "final_logits_bias"):
         with torch.no_grad():  # a non-zero final_logits_bias, so the export must carry it
             model.final_logits_bias.normal_(0.0, 0.5)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from el_export.export import export_model
-from el_export.tiny import FAMILIES, tiny_model
+from el_export.tiny import tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +51,3 @@ def padded_batch():
         return ids, mask
 
     return make
-
-
-ALL_FAMILIES = FAMILIES

@@ -13,11 +13,11 @@ from el_export.compare import compare_graphs
 from el_export.errors import ExportError, InvalidArgumentError
 from el_export.export import export_model
 from el_export.families import build_from_hf
-from el_export.tiny import DECODER_ONLY, FAMILIES, tiny_model
+from el_export.tiny import DECODER_ONLY, FAMILIES, SPEECH, tiny_model
 
 
 @pytest.mark.parametrize("mode", ["el", "kv"])
-@pytest.mark.parametrize("family", FAMILIES + DECODER_ONLY)
+@pytest.mark.parametrize("family", FAMILIES + DECODER_ONLY + SPEECH)
 def test_graphs_match_pytorch_on_unseen_shapes(family, mode, bundles, hf_models):
     bundle = bundles(family, mode)
     manifest = read_manifest(bundle)

@@ -5,14 +5,14 @@ import torch
 
 from el_export.errors import CheckpointError, UnsupportedModelError
 from el_export.families import build_from_hf, family_for, supported_config_names
-from el_export.tiny import DECODER_ONLY, FAMILIES, tiny_model
+from el_export.tiny import DECODER_ONLY, FAMILIES, SPEECH, tiny_model
 
 
 def test_every_registered_family_has_a_tiny_test_model():
     import transformers
 
     registered = {family_for(getattr(transformers, name)()).name for name in supported_config_names()}
-    tested = {family_for(tiny_model(label).config).name for label in FAMILIES + DECODER_ONLY}
+    tested = {family_for(tiny_model(label).config).name for label in FAMILIES + DECODER_ONLY + SPEECH}
     assert registered <= tested, f"families without a tiny test model: {registered - tested}"
 
 

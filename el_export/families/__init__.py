@@ -25,6 +25,7 @@ class Family:
     # Modules (fnmatch patterns over our module names) that stay fp32 in fp16 graphs, and why.
     fp32_modules: tuple[str, ...] = ()
     fp32_reason: str = ""
+    auto_model: str = "AutoModelForSeq2SeqLM"  # the transformers auto class that loads its checkpoints
 
 
 _BY_CONFIG: dict[str, Family] = {}
@@ -95,7 +96,7 @@ def supported_config_names() -> list[str]:
 
 def _load_builtin_families() -> None:
     """Import the built-in family modules (explicitly, not as a side effect of import order)."""
-    from el_export.families import bart, gpt2, t5  # noqa: F401
+    from el_export.families import bart, gpt2, t5, whisper  # noqa: F401
 
 
 def build_from_hf(hf_model: nn.Module) -> tuple[nn.Module, Family]:

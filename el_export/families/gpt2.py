@@ -74,4 +74,6 @@ def weight(state: dict, key: str):
     return tensor.t() if tensor is not None and is_conv1d and kind == "weight" else tensor
 
 
-register("GPT2Config")(Family("gpt2", "decoder-only", spec_from_config, DecoderOnlyLM, weight))
+register("GPT2Config")(
+    Family("gpt2", "decoder-only", spec_from_config, DecoderOnlyLM, weight, auto_model="AutoModelForCausalLM")
+)

@@ -5,6 +5,8 @@ what the bundle computes; the search code is the same as for every backend. Cach
 device; fp16 / bf16 by casting the modules (logits stay fp32, as in the graphs).
 """
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -195,5 +197,13 @@ def load_torch(
     built = built.to(device=device, dtype=DTYPES[dtype])
     graphs = [g.eval() for g in graphs_for(built, mode)]
     manifest = describe(model, graphs, family)
+    mel_filters = None
+    if built.spec.n_mels:  # speech: the feature settings and filters a bundle would carry
+        from transformers import WhisperFeatureExtractor
+
+        fe = WhisperFeatureExtractor(feature_size=built.spec.n_mels)
+        mel_filters = torch.from_numpy(fe.mel_filters).float()
+        spec = {k: getattr(fe, k) for k in ("sampling_rate", "n_fft", "hop_length", "chunk_length")}
+        manifest = replace(manifest, audio={**spec, "n_mels": built.spec.n_mels, "mel_filters": None})
     backend = TorchBackend(graphs, manifest, device=str(device), static_cache=static_cache, cuda_graphs=cuda_graphs)
-    return Generator(manifest, backend, tokenizer=Tokenizer.from_hf(tokenizer, manifest))
+    return Generator(manifest, backend, tokenizer=Tokenizer.from_hf(tokenizer, manifest), mel_filters=mel_filters)

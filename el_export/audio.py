@@ -1,0 +1,83 @@
+"""Audio in, Whisper's log-mel features out, at run time (torch only; no transformers).
+
+The computation is `WhisperFeatureExtractor`'s torch path op for op (pad or cut to 30 s, periodic
+Hann STFT, power, mel filters, log10, dynamic range of 8, (x + 4) / 4), with the mel filter bank
+the exporter copied into the bundle, so the features are the ones HF computes.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from el_export.errors import InputError
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What the manifest records about the feature extractor."""
+
+    sampling_rate: int
+    n_fft: int
+    hop_length: int
+    chunk_length: int  # seconds the encoder sees
+    n_mels: int
+
+    @property
+    def n_samples(self) -> int:
+        return self.chunk_length * self.sampling_rate
+
+    def to_json(self) -> dict:
+        return dict(vars(self))
+
+
+def load_audio(path: str | Path, sampling_rate: int) -> np.ndarray:
+    """A WAV or FLAC file -> mono float32 samples.
+
+    Raises:
+        InputError: unreadable file, or a sample rate other than `sampling_rate` (no silent resampling).
+    """
+    import soundfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"audio file {path} does not exist")
+    try:
+        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as e:
+        raise InputError(f"cannot read audio {path}: {e}") from None
+    if rate != sampling_rate:
+        raise InputError(
+            f"{path} is sampled at {rate} Hz but the model needs {sampling_rate} Hz; resample it first "
+            f"(for example: sox {path.name} -r {sampling_rate} out.wav)"
+        )
+    return samples.mean(axis=1)  # mono
+
+
+def log_mel(audios: list[np.ndarray], spec: FeatureSpec, mel_filters: torch.Tensor) -> torch.Tensor:
+    """Mono float32 waveforms -> float32 features [B, n_mels, frames], each padded or cut to the chunk.
+
+    Raises:
+        InputError: an empty waveform, or one longer than the model's chunk (Whisper sees 30 s at once).
+    """
+    batch = np.zeros((len(audios), spec.n_samples), dtype=np.float32)
+    for i, audio in enumerate(audios):
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 1 or audio.size == 0:
+            raise InputError(f"audio {i} must be a non-empty mono waveform, got shape {list(audio.shape)}")
+        if audio.size > spec.n_samples:
+            raise InputError(
+                f"audio {i} is {audio.size / spec.sampling_rate:.1f} s; the model transcribes up to "
+                f"{spec.chunk_length} s at once: split it"
+            )
+        batch[i, : audio.size] = audio
+    waveform = torch.from_numpy(batch)
+    window = torch.hann_window(spec.n_fft)
+    stft = torch.stft(waveform, spec.n_fft, spec.hop_length, window=window, return_complex=True)
+    magnitudes = (stft[..., :-1].abs() ** 2).contiguous()  # the last frame is dropped, as in HF
+    mel_spec = mel_filters.T @ magnitudes
+    log_spec = torch.clamp(mel_spec, min=1e-10).log10()
+    peak = log_spec.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0]  # per input
+    log_spec = torch.maximum(log_spec, peak - 8.0)
+    return (log_spec + 4.0) / 4.0
