@@ -76,6 +76,9 @@ def import_whisper(ct2_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         CheckpointError: the directory is not a CTranslate2 Whisper model.
     """
     from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     ct2_dir, out_dir = Path(ct2_dir), Path(out_dir)
     for name in ("model.bin", "config.json", "tokenizer.json"):

