@@ -9,6 +9,7 @@ would leave the bundle directory.
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -97,21 +98,24 @@ class Manifest:
         _require(data, "dtype", str, choices=("float32", "float16", "bfloat16"))
         for key in ("dims", "graphs", "special_tokens", "generation_defaults", "files"):
             _require(data, key, dict)
+        for key in ("exporter", "source", "fp32_modules", "audio"):
+            if not isinstance(data.get(key) or {}, dict):
+                raise BundleError(f"manifest field {key!r} is not an object")
+        _check_dims(data["dims"])
+        _check_special_tokens(data["special_tokens"])
         files = data["files"]
         for name, entry in files.items():
             _safe_name(name)
-            if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-                raise BundleError(f"manifest files[{name!r}] has no sha256")
+            if not isinstance(entry, dict) or not _SHA256.fullmatch(str(entry.get("sha256"))):
+                raise BundleError(f"manifest files[{name!r}] has no valid sha256")
+        expected = {"seq2seq": {"encoder", "decoder_step"}, "decoder-only": {"prefill", "decoder_step"}}[data["kind"]]
+        if set(data["graphs"]) != expected:
+            raise BundleError(
+                f"manifest graphs are {sorted(data['graphs'])}; a {data['kind']} bundle has {sorted(expected)}"
+            )
         graphs = {}
         for name, entry in data["graphs"].items():
-            try:
-                graph = GraphEntry(
-                    file=entry["file"],
-                    inputs=tuple(TensorSpec.from_json(s) for s in entry["inputs"]),
-                    outputs=tuple(TensorSpec.from_json(s) for s in entry["outputs"]),
-                )
-            except (KeyError, TypeError) as e:
-                raise BundleError(f"manifest graphs[{name!r}] is malformed ({e!r})") from None
+            graph = _graph_entry(name, entry)
             if graph.file not in files:
                 raise BundleError(f"manifest graphs[{name!r}] names {graph.file!r}, which is not in its files list")
             graphs[name] = graph
@@ -119,8 +123,6 @@ class Manifest:
         if tokenizer is not None and tokenizer not in files:
             raise BundleError(f"manifest names tokenizer {tokenizer!r}, which is not in its files list")
         audio = data.get("audio") or {}
-        if not isinstance(audio, dict):
-            raise BundleError("manifest field 'audio' is not an object")
         if audio:
             fields = ("sampling_rate", "n_fft", "hop_length", "chunk_length", "n_mels")
             if audio.get("mel_filters") not in files or not all(isinstance(audio.get(k), int) for k in fields):
@@ -143,6 +145,61 @@ class Manifest:
             fp32_modules=data.get("fp32_modules", {}),
             audio=audio,
         )
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_AXIS = re.compile(r"^[a-z_]+(\+\d+)?$")
+_DTYPES = ("int64", "float32", "float16", "bfloat16")
+
+
+def _graph_entry(name: str, entry) -> GraphEntry:
+    """A graph's file and IO contract, every field checked."""
+    where = f"manifest graphs[{name!r}]"
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        raise BundleError(f"{where} needs a 'file' name")
+    specs = {}
+    for side in ("inputs", "outputs"):
+        items = entry.get(side)
+        if not isinstance(items, list) or not items:
+            raise BundleError(f"{where} needs a non-empty list of {side}")
+        for item in items:
+            ok = (
+                isinstance(item, dict)
+                and isinstance(item.get("name"), str)
+                and item.get("dtype") in _DTYPES
+                and isinstance(item.get("shape"), list)
+                and all(
+                    (isinstance(a, int) and not isinstance(a, bool) and a >= 0)
+                    or (isinstance(a, str) and _AXIS.match(a))
+                    for a in item["shape"]
+                )
+            )
+            if not ok:
+                raise BundleError(f"{where}.{side} has a malformed tensor entry: {str(item)[:80]}")
+        specs[side] = tuple(TensorSpec.from_json(item) for item in items)
+    return GraphEntry(file=entry["file"], inputs=specs["inputs"], outputs=specs["outputs"])
+
+
+def _check_dims(dims: dict) -> None:
+    for key in ("d_model", "decoder_layers", "heads", "d_head", "vocab_size"):
+        if not _positive_int(dims.get(key)):
+            raise BundleError(f"manifest dims.{key} is missing or not a positive integer")
+    for key in ("encoder_layers", "encoder_vocab_size"):
+        if not isinstance(dims.get(key, 0), int) or dims.get(key, 0) < 0:
+            raise BundleError(f"manifest dims.{key} is not a non-negative integer")
+    if dims.get("max_positions") is not None and not _positive_int(dims["max_positions"]):
+        raise BundleError("manifest dims.max_positions is not a positive integer (or null)")
+
+
+def _check_special_tokens(tokens: dict) -> None:
+    for key, value in tokens.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in values):
+            raise BundleError(f"manifest special_tokens.{key} is not a token id")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _require(data: dict, key: str, kind: type, choices: tuple | None = None) -> None:

@@ -5,6 +5,7 @@ against its PyTorch module on shapes it was not traced with, write the manifest.
 knows torch and ONNX; families know checkpoints.
 """
 
+import json
 import logging
 import os
 import warnings
@@ -275,9 +276,10 @@ def _save_audio_features(hf_model, feature_extractor, directory: Path) -> dict:
     from transformers import WhisperFeatureExtractor
 
     fe = feature_extractor or WhisperFeatureExtractor(feature_size=hf_model.config.num_mel_bins)
-    np.save(directory / "mel_filters.npy", np.asarray(fe.mel_filters, dtype=np.float32), allow_pickle=False)
+    filters = np.asarray(fe.mel_filters, dtype=np.float32)  # float32 values round-trip exactly through JSON
+    (directory / "mel_filters.json").write_text(json.dumps(filters.tolist()))
     spec = FeatureSpec(fe.sampling_rate, fe.n_fft, fe.hop_length, fe.chunk_length, fe.feature_size)
-    return {**spec.to_json(), "mel_filters": "mel_filters.npy"}
+    return {**spec.to_json(), "mel_filters": "mel_filters.json"}
 
 
 def load_feature_extractor(model: str):

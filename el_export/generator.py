@@ -1,14 +1,14 @@
 """`load(bundle).generate(...)`: inputs in, HF-`generate`-shaped outputs out, from the bundle alone."""
 
+import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from el_export import speech
 from el_export.bundle import Manifest, read_manifest
-from el_export.errors import InputError, InvalidArgumentError
+from el_export.errors import BundleError, InputError, InvalidArgumentError
 from el_export.runtime import make_backend
 from el_export.search import SearchOutput, generate_ids, resolve_options
 from el_export.tokenizer import Tokenizer
@@ -32,9 +32,16 @@ class Generator:
         manifest = read_manifest(bundle_dir, verify=verify)
         backend = make_backend(backend, bundle_dir, manifest, **options)
         mel_filters = None
-        if manifest.audio:
-            array = np.load(bundle_dir / manifest.audio["mel_filters"], allow_pickle=False)
-            mel_filters = torch.from_numpy(np.asarray(array, dtype=np.float32))
+        if manifest.audio:  # JSON: a bundle holds nothing that can carry code (no pickle, no npy objects)
+            try:
+                values = json.loads((bundle_dir / manifest.audio["mel_filters"]).read_text())
+                mel_filters = torch.tensor(values, dtype=torch.float32)
+            except (ValueError, TypeError) as e:
+                raise BundleError(f"{manifest.audio['mel_filters']} is not a matrix of numbers ({e})") from None
+            if mel_filters.dim() != 2 or mel_filters.shape[1] != manifest.audio["n_mels"]:
+                raise BundleError(
+                    f"{manifest.audio['mel_filters']} has shape {list(mel_filters.shape)}, not [*, n_mels]"
+                )
         return cls(manifest, backend, Tokenizer.from_bundle(bundle_dir, manifest), mel_filters)
 
     @property
