@@ -11,6 +11,7 @@ from el_export.errors import (
     ExportError,
     InputError,
     InvalidArgumentError,
+    ResourceError,
     UnsupportedModelError,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "ExportError",
     "InputError",
     "InvalidArgumentError",
+    "ResourceError",
     "UnsupportedModelError",
     "__version__",
     "load",

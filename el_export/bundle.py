@@ -53,6 +53,7 @@ class Manifest:
     source: dict = field(default_factory=dict)
     fp32_modules: dict = field(default_factory=dict)  # {"modules": [...], "reason": ...} in fp16 bundles
     audio: dict = field(default_factory=dict)  # speech models: feature settings and the mel filter file
+    engines: dict = field(default_factory=dict)  # TensorRT engines, once built (el_export.trt.build)
 
     def to_json(self) -> dict:
         return {
@@ -79,6 +80,7 @@ class Manifest:
             "source": self.source,
             "fp32_modules": self.fp32_modules,
             "audio": self.audio,
+            "engines": self.engines,
         }
 
     @classmethod
@@ -98,7 +100,7 @@ class Manifest:
         _require(data, "dtype", str, choices=("float32", "float16", "bfloat16"))
         for key in ("dims", "graphs", "special_tokens", "generation_defaults", "files"):
             _require(data, key, dict)
-        for key in ("exporter", "source", "fp32_modules", "audio"):
+        for key in ("exporter", "source", "fp32_modules", "audio", "engines"):
             if not isinstance(data.get(key) or {}, dict):
                 raise BundleError(f"manifest field {key!r} is not an object")
         _check_dims(data["dims"])
@@ -120,15 +122,20 @@ class Manifest:
                 raise BundleError(f"manifest graphs[{name!r}] names {graph.file!r}, which is not in its files list")
             graphs[name] = graph
         tokenizer = data.get("tokenizer")
-        if tokenizer is not None and tokenizer not in files:
+        if tokenizer is not None and (not isinstance(tokenizer, str) or tokenizer not in files):
             raise BundleError(f"manifest names tokenizer {tokenizer!r}, which is not in its files list")
         audio = data.get("audio") or {}
         if audio:
             fields = ("sampling_rate", "n_fft", "hop_length", "chunk_length", "n_mels")
-            if audio.get("mel_filters") not in files or not all(isinstance(audio.get(k), int) for k in fields):
+            mel_filters = audio.get("mel_filters")
+            listed = isinstance(mel_filters, str) and mel_filters in files
+            if not listed or not all(_positive_int(audio.get(k)) for k in fields):
                 raise BundleError(
-                    f"manifest field 'audio' needs integer {', '.join(fields)} and a listed mel_filters file"
+                    f"manifest field 'audio' needs positive integer {', '.join(fields)} and a listed mel_filters file"
                 )
+        engines = data.get("engines") or {}
+        if engines:
+            _check_engines(engines, graphs, files)
         return cls(
             family=data["family"],
             kind=data["kind"],
@@ -144,6 +151,7 @@ class Manifest:
             source=data.get("source", {}),
             fp32_modules=data.get("fp32_modules", {}),
             audio=audio,
+            engines=engines,
         )
 
 
@@ -178,6 +186,40 @@ def _graph_entry(name: str, entry) -> GraphEntry:
                 raise BundleError(f"{where}.{side} has a malformed tensor entry: {str(item)[:80]}")
         specs[side] = tuple(TensorSpec.from_json(item) for item in items)
     return GraphEntry(file=entry["file"], inputs=specs["inputs"], outputs=specs["outputs"])
+
+
+def _check_engines(engines: dict, graphs: dict[str, GraphEntry], files: dict) -> None:
+    """TensorRT engines: precision, versions, and one listed engine file and profile per graph."""
+    if engines.get("precision") not in ("fp32", "fp16", "bf16") or engines.get("typing") not in ("strong", "weak"):
+        raise BundleError("manifest engines needs a precision (fp32, fp16, bf16) and a typing (strong, weak)")
+    if not isinstance(engines.get("tensorrt"), str) or not isinstance((engines.get("gpu") or {}).get("name"), str):
+        raise BundleError("manifest engines needs the TensorRT version and the GPU name they were built with")
+    entries = engines.get("graphs")
+    if not isinstance(entries, dict) or set(entries) != set(graphs):
+        raise BundleError(f"manifest engines.graphs must hold one engine per graph ({', '.join(sorted(graphs))})")
+    for name, entry in entries.items():
+        where = f"manifest engines.graphs[{name!r}]"
+        if not isinstance(entry, dict) or entry.get("file") not in files:
+            raise BundleError(f"{where} names no engine file from the files list")
+        profile = entry.get("profile")
+        inputs = {s.name: s for s in graphs[name].inputs}
+        if not isinstance(profile, dict) or set(profile) != set(inputs):
+            raise BundleError(f"{where}.profile must give min/opt/max shapes for every input of the graph")
+        for input_name, shapes in profile.items():
+            rank = len(inputs[input_name].shape)
+            if not _shape_range(shapes, rank):
+                raise BundleError(f"{where}.profile[{input_name!r}] is not min <= opt <= max shapes of rank {rank}")
+
+
+def _shape_range(shapes, rank: int) -> bool:
+    """{"min", "opt", "max"}: shapes of one rank, min <= opt <= max on every axis."""
+    keys = ("min", "opt", "max")
+    if not isinstance(shapes, dict) or any(not isinstance(shapes.get(k), list) or len(shapes[k]) != rank for k in keys):
+        return False
+    return all(
+        all(isinstance(v, int) and not isinstance(v, bool) for v in axis) and 0 <= axis[0] <= axis[1] <= axis[2]
+        for axis in zip(*(shapes[k] for k in keys), strict=True)
+    )
 
 
 def _check_dims(dims: dict) -> None:

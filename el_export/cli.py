@@ -49,12 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(run=_export)
 
-    p = sub.add_parser("generate", help="generate text from a bundle")
+    p = sub.add_parser("generate", help="generate text (or transcripts) from a bundle")
     p.add_argument("bundle", type=Path)
-    p.add_argument("text", nargs="*", help="input texts (or use --input-file)")
-    p.add_argument("--input-file", type=Path, help="one input per line; .jsonl files take the 'text' field")
+    p.add_argument("text", nargs="*", help="input texts, or audio files for speech bundles (or use --input-file)")
+    p.add_argument("--input-file", type=Path, help="one input per line; .jsonl lines: {'text': ..., 'id': ...}")
+    p.add_argument("--output", type=Path, help="JSONL output, one record per input; an existing one is resumed")
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--batch-size", type=int, default=8, help="inputs per search batch (default 8)")
+    p.add_argument("--memory-limit", type=float, metavar="GiB", help="cap on decoder state; larger batches are split")
     p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's positions")
     _add_generation_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object per input")
@@ -69,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_compare)
+
+    p = sub.add_parser("build", help="build TensorRT engines for a bundle (a GPU host with TensorRT)")
+    p.add_argument("bundle", type=Path)
+    precision = p.add_mutually_exclusive_group()
+    for flag in ("fp16", "bf16"):
+        precision.add_argument(f"--{flag}", dest="precision", action="store_const", const=flag,
+                               help=f"{flag} engines (default: the bundle's own precision)")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=8, help="inputs per call (default 8)")
+    p.add_argument("--max-beams", type=int, default=4, help="beams per input (default 4)")
+    p.add_argument("--max-source", type=int, help="source tokens (default: the model's positions)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="generated tokens (default 128)")
+    p.add_argument("--max-prompt", type=int, help="decoder-only prompt tokens (default: positions less new tokens)")
+    p.add_argument("--workspace", type=float, metavar="GiB", help="TensorRT's workspace memory limit")
+    p.add_argument("--json", action="store_true", help="print the manifest's engines entry as JSON")
+    p.set_defaults(run=_build)
 
     p = sub.add_parser("inspect", help="describe a bundle and the cache bytes of el vs kv for a workload")
     p.add_argument("bundle", type=Path)
@@ -137,37 +154,36 @@ def _export(args) -> int:
     return 0
 
 
-def read_inputs(texts: list[str], input_file: Path | None) -> list[str]:
-    if input_file is not None:
-        if not input_file.is_file():
-            raise InvalidArgumentError(f"input file {input_file} does not exist")
-        lines = [line for line in input_file.read_text().splitlines() if line.strip()]
-        if input_file.suffix == ".jsonl":
-            try:
-                texts = texts + [json.loads(line)["text"] for line in lines]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise InvalidArgumentError(
-                    f"{input_file}: every line must be a JSON object with 'text' ({e})"
-                ) from None
-        else:
-            texts = texts + lines
-    if not texts:
-        raise InvalidArgumentError("no inputs: give TEXT arguments or --input-file")
-    return texts
-
-
 def _generate(args) -> int:
     import el_export
+    from el_export.stream import generate_file, read_records
 
-    texts = read_inputs(args.text, args.input_file)
     if args.batch_size < 1:
         raise InvalidArgumentError("--batch-size must be at least 1")
+    if not args.text and args.input_file is None:
+        raise InvalidArgumentError("no inputs: give TEXT arguments or --input-file")
+    if args.output is not None and (args.text or args.input_file is None):
+        raise InvalidArgumentError("--output streams an --input-file; give the inputs in a file, not as arguments")
+    if args.memory_limit is not None and args.memory_limit <= 0:
+        raise InvalidArgumentError("--memory-limit must be a positive number of GiB")
     generator = el_export.load(args.bundle, backend=args.backend)
-    kwargs = generation_kwargs(args)
+    if args.memory_limit is not None:
+        generator.memory_limit = int(args.memory_limit * 2**30)
+    kwargs = {**generation_kwargs(args), "truncation": args.truncate}
+    if args.output is not None:
+        stats = generate_file(generator, args.input_file, args.output, args.batch_size, progress=sys.stderr.isatty(),
+                              **kwargs)  # fmt: skip
+        print(
+            f"{stats.written} written, {stats.skipped} already in {args.output}, {stats.total} inputs", file=sys.stderr
+        )
+        return 0
+    records = [(None, text) for text in args.text]
+    if args.input_file is not None:
+        records = list(read_records(args.input_file))
     per_input = kwargs.get("num_return_sequences", 1)
-    for start in range(0, len(texts), args.batch_size):
-        batch = texts[start : start + args.batch_size]
-        outputs = generator.generate_text(batch, truncation=args.truncate, **kwargs)
+    for start in range(0, len(records), args.batch_size):
+        batch = [text for _, text in records[start : start + args.batch_size]]
+        outputs = generator.generate_text(batch, **kwargs)
         for i, text in enumerate(batch):
             results = outputs[i * per_input : (i + 1) * per_input]
             if args.json:
@@ -190,6 +206,24 @@ def _compare(args) -> int:
         rows = [(c.name, "PASS" if c.passed else "FAIL", c.detail) for c in checks]
         _print_table(f"compare {args.bundle} with {args.reference}", ("check", "result", "detail"), rows)
     return 0 if all(c.passed for c in checks) else 1
+
+
+def _build(args) -> int:
+    from el_export.trt.build import build_engines
+    from el_export.trt.profiles import Limits
+
+    if args.workspace is not None and args.workspace <= 0:
+        raise InvalidArgumentError("--workspace must be a positive number of GiB")
+    limits = Limits(batch=args.max_batch, beams=args.max_beams, source=args.max_source,
+                    new_tokens=args.max_new_tokens, prompt=args.max_prompt)  # fmt: skip
+    workspace = int(args.workspace * 2**30) if args.workspace else None
+    engines = build_engines(args.bundle, precision=args.precision, limits=limits, workspace=workspace).engines
+    if args.json:
+        print(json.dumps(engines, indent=2))
+    else:
+        files = ", ".join(entry["file"] for entry in engines["graphs"].values())
+        print(f"built {files} ({engines['precision']}, TensorRT {engines['tensorrt']}, {engines['gpu']['name']})")
+    return 0
 
 
 def _inspect(args) -> int:

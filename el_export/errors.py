@@ -50,3 +50,9 @@ class BackendError(ElExportError):
     """A runtime backend is missing, or refused the graphs or shapes it was given."""
 
     exit_code = 6
+
+
+class ResourceError(ElExportError):
+    """A workload cannot fit the memory available (or the limit given), even one input at a time."""
+
+    exit_code = 7

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from el_export import speech
+from el_export import memory, speech
 from el_export.bundle import Manifest, read_manifest
-from el_export.errors import BundleError, InputError, InvalidArgumentError
+from el_export.errors import BundleError, InputError, InvalidArgumentError, ResourceError
 from el_export.runtime import make_backend
-from el_export.search import SearchOutput, generate_ids, resolve_options
+from el_export.search import SearchOutput, concat_outputs, generate_ids, resolve_options
 from el_export.tokenizer import Tokenizer
 
 
@@ -23,6 +23,9 @@ class Generator:
         # Inputs per encoder call: the encoder's activations grow with batch x source^2, the decoder's
         # state only with batch x source, so large batches encode in chunks. None: all at once.
         self.encoder_batch_size: int | None = None
+        # Bytes the decoder state of one call may take; batches that need more run in chunks that fit.
+        # None: what the device reports available (see `memory.py`).
+        self.memory_limit: int | None = None
 
     @classmethod
     def from_bundle(
@@ -104,23 +107,50 @@ class Generator:
             prompt = given if (given[:, 0] == start).all() else torch.cat([prompt, given], dim=1)
         options = self._options(defaults, prompt.shape[1], True, kwargs)
         device = self.backend.device
-        encoded = self.encode({"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)})
-        decoder = self.backend.make_decoder({**encoded, "encoder_mask": attention_mask.to(device)})
-        return generate_ids(decoder, prompt.to(device), options)
+
+        def run(rows: slice) -> SearchOutput:
+            mask = attention_mask[rows].to(device)
+            encoded = self.encode({"input_ids": input_ids[rows].to(device), "attention_mask": mask})
+            decoder = self.backend.make_decoder({**encoded, "encoder_mask": mask})
+            return generate_ids(decoder, prompt[rows].to(device), options)
+
+        return self._in_chunks(B, options, input_ids.shape[1], run)
 
     def _generate_speech(self, input_features, audio, language, task, kwargs) -> SearchOutput:
         """Whisper, short-form: the encoder over 30 s of features, then the decoder from HF's prompt."""
         features = speech.features(self.manifest, self.mel_filters, input_features, audio)
         defaults = self._defaults()
-        encoded = self.encode({"input_features": features.to(self.backend.device)})
-        B, S = encoded["encoder_hidden"].shape[:2]
-        context = {**encoded, "encoder_mask": torch.ones(B, S, dtype=torch.int64, device=self.backend.device)}
-        sot = torch.full((B, 1), defaults["decoder_start_token_id"], device=self.backend.device)
-        prompt = speech.decoder_prompt(
-            defaults, B, language, task, detect=lambda: self.backend.make_decoder(context).start(sot, 1)
-        )
-        options = self._options(defaults, prompt.shape[1], True, kwargs)
-        return generate_ids(self.backend.make_decoder(context), prompt.to(self.backend.device), options)
+        device = self.backend.device
+        frames = self.manifest.graphs["encoder"].output("encoder_hidden").shape[1]
+        longest_prompt = 4  # [sot, language, task, no_timestamps]: for the memory estimate
+
+        def run(rows: slice) -> SearchOutput:
+            encoded = self.encode({"input_features": features[rows].to(device)})
+            B, S = encoded["encoder_hidden"].shape[:2]
+            context = {**encoded, "encoder_mask": torch.ones(B, S, dtype=torch.int64, device=device)}
+            sot = torch.full((B, 1), defaults["decoder_start_token_id"], device=device)
+            prompt = speech.decoder_prompt(
+                defaults, B, language, task, detect=lambda: self.backend.make_decoder(context).start(sot, 1)
+            )
+            options = self._options(defaults, prompt.shape[1], True, kwargs)
+            return generate_ids(self.backend.make_decoder(context), prompt.to(device), options)
+
+        estimate = self._options(defaults, longest_prompt, True, kwargs)
+        return self._in_chunks(features.shape[0], estimate, frames, run)
+
+    def _in_chunks(self, batch: int, options, source_len: int, run) -> SearchOutput:
+        """Run `run(rows)` over chunks of inputs whose decoder state fits in memory (see `memory.py`)."""
+        rows_per_input = max(options.num_beams, options.num_return_sequences)
+        per_input = memory.bytes_per_input(self.manifest, rows_per_input, source_len, options.max_length)
+        chunk = memory.inputs_per_chunk(batch, per_input, self.memory_limit, self.backend.device)
+        if chunk >= batch:
+            return run(slice(0, batch))
+        if options.output_scores:
+            raise ResourceError(
+                f"{batch} inputs do not fit in memory at once ({chunk} do) and output_scores cannot be joined across "
+                "chunks; pass fewer inputs per call"
+            )
+        return concat_outputs([run(slice(i, i + chunk)) for i in range(0, batch, chunk)], options)
 
     def _defaults(self) -> dict:
         defaults = {**self.manifest.special_tokens, **self.manifest.generation_defaults}
@@ -130,12 +160,15 @@ class Generator:
         """The prompt runs once (prefill); sequences include it, as HF returns them."""
         options = self._options(defaults, input_ids.shape[1], False, kwargs)
         device = self.backend.device
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        prefill = self.backend.run("prefill", {"input_ids": input_ids, "attention_mask": attention_mask})
-        next_position = attention_mask.sum(dim=1, keepdim=True)  # HF: positions count attended tokens
-        context = {**prefill, "prompt_mask": attention_mask, "position_ids": next_position}
-        decoder = self.backend.make_decoder(context)
-        return generate_ids(decoder, input_ids, options, prompt_mask=attention_mask)
+
+        def run(rows: slice) -> SearchOutput:
+            ids, mask = input_ids[rows].to(device), attention_mask[rows].to(device)
+            prefill = self.backend.run("prefill", {"input_ids": ids, "attention_mask": mask})
+            next_position = mask.sum(dim=1, keepdim=True)  # HF: positions count attended tokens
+            context = {**prefill, "prompt_mask": mask, "position_ids": next_position}
+            return generate_ids(self.backend.make_decoder(context), ids, options, prompt_mask=mask)
+
+        return self._in_chunks(input_ids.shape[0], options, input_ids.shape[1], run)
 
     def _options(self, defaults: dict, prompt_length: int, is_encoder_decoder: bool, kwargs: dict):
         options = resolve_options(
@@ -170,7 +203,7 @@ class Generator:
         transcript out). With num_return_sequences > 1 the outputs of one input are adjacent."""
         if self.tokenizer is None:
             raise InvalidArgumentError("this model has no tokenizer (none was exported); pass token ids to generate()")
-        if self.manifest.audio:
+        if self.manifest.audio:  # audio in: nothing to truncate
             return self.tokenizer.decode(self.generate(audio=texts, **kwargs).sequences)
         texts = [texts] if isinstance(texts, str) else list(texts)
         input_ids, mask = self.tokenizer.encode(texts, max_length=self.max_source_positions, truncation=truncation)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from el_export.export import export_model
-from el_export.tiny import tiny_model
+from el_export.tiny import tiny_model, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +51,18 @@ def padded_batch():
         return ids, mask
 
     return make
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A tiny BART checkpoint directory with a trained tokenizer, as `el-export export` reads them."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-bart")
+
+
+@pytest.fixture(scope="session")
+def cli_bundle(checkpoint, tmp_path_factory):
+    from el_export.cli import main
+
+    out = tmp_path_factory.mktemp("cli") / "bundle"
+    assert main(["export", str(checkpoint), "--out", str(out)]) == 0
+    return out

@@ -5,19 +5,6 @@ import json
 import pytest
 
 from el_export.cli import main
-from el_export.tiny import write_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-bart")
-
-
-@pytest.fixture(scope="module")
-def cli_bundle(checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "bundle"
-    assert main(["export", str(checkpoint), "--out", str(out)]) == 0
-    return out
 
 
 def _error_line(capsys) -> str:

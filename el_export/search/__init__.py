@@ -2,6 +2,6 @@
 
 from el_export.search.decoder import StepDecoder
 from el_export.search.options import GenerationOptions, resolve_options
-from el_export.search.search import SearchOutput, generate_ids
+from el_export.search.search import SearchOutput, concat_outputs, generate_ids
 
-__all__ = ["GenerationOptions", "SearchOutput", "StepDecoder", "generate_ids", "resolve_options"]
+__all__ = ["GenerationOptions", "SearchOutput", "StepDecoder", "concat_outputs", "generate_ids", "resolve_options"]

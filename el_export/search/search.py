@@ -242,3 +242,34 @@ def _beam_search(
         scores=tuple(all_scores) if options.output_scores else None,
         beam_indices=beam_indices[:, :generated],
     )
+
+
+def concat_outputs(outputs: list[SearchOutput], options: GenerationOptions) -> SearchOutput:
+    """Join the outputs of consecutive input chunks as one batch would have returned them.
+
+    Each input's result does not depend on its batch neighbours; only the padding does: HF pads a
+    finished greedy row with pad_token_id and beam hypotheses with its output fill value (see
+    `_beam_search`), up to the batch's longest row. Per-step `scores` cannot be joined (their step
+    counts differ), so chunked runs do not return them.
+    """
+    if len(outputs) == 1:
+        return outputs[0]
+    beams = options.num_beams > 1
+    eos = options.eos_token_id
+    fill = (-1 if eos is None else (options.pad_token_id or eos[0])) if beams else options.pad_token_id
+    length = max(o.sequences.shape[1] for o in outputs)
+    sequences = torch.cat([_pad_to(o.sequences, length, fill) for o in outputs])
+    result = SearchOutput(sequences=sequences)
+    if beams:
+        result.sequences_scores = torch.cat([o.sequences_scores for o in outputs])
+        steps, rows_before, indices = max(o.beam_indices.shape[1] for o in outputs), 0, []
+        for o in outputs:  # beam indices are global rows (input x num_beams + beam): shift by earlier chunks
+            shifted = torch.where(o.beam_indices >= 0, o.beam_indices + rows_before, o.beam_indices)
+            indices.append(_pad_to(shifted, steps, -1))
+            rows_before += o.sequences.shape[0] // options.num_return_sequences * options.num_beams
+        result.beam_indices = torch.cat(indices)
+    return result
+
+
+def _pad_to(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
