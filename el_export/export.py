@@ -24,6 +24,7 @@ from el_export.graphs import float_dtype, graphs_for, sample_inputs
 from el_export.models import MODES
 from el_export.progress import Steps
 from el_export.tolerance import graph_close
+from el_export.trt.lint import check_onnx
 
 CHECK_SIZES = (
     {"batch": 1, "rows": 1, "source": 1, "past": 0, "prompt": 1, "context": 1},
@@ -198,6 +199,7 @@ def export_graph(graph: torch.nn.Module, path: Path, opset: int | None = None, e
     bad = {n.op_type for n in model.graph.node if n.op_type in ("If", "Loop", "Scan")}
     if bad:
         raise ExportError(f"{path.name} contains control flow ({', '.join(sorted(bad))}); graphs must be straight-line")
+    check_onnx(path)  # what TensorRT's ONNX parser accepts (el_export.trt.ops)
 
 
 def check_graph(graph: torch.nn.Module, path: Path) -> None:

@@ -299,7 +299,8 @@ class DecoderOnlyLM(_LM):
 
     def _prompt(self, input_ids, attention_mask):
         """Positions as HF generate derives them from a left-padded mask, and the prompt's bias."""
-        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # [B, P]
+        # cumsum in float32 (exact below 2^24 tokens): TensorRT's CumSum takes no int64
+        positions = (attention_mask.float().cumsum(-1).long() - 1).masked_fill(attention_mask == 0, 0)  # [B, P]
         x = self.decoder.embed(input_ids, positions)
         keys = torch.arange(input_ids.shape[1], device=input_ids.device)
         allowed = (keys[None, :] <= keys[:, None])[None] & (attention_mask[:, None, :] != 0)  # [B, P, P]
