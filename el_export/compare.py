@@ -1,8 +1,10 @@
 """`compare`: proof that a bundle computes what the original model computes.
 
-1. Per graph, through Polygraphy's comparator: the bundle's graph on a backend (ONNX Runtime now,
-   TensorRT later) against the PyTorch step module it was exported from, on shapes not used at
-   export (B=1, one row, t=0, S=1, and a larger batch), with per-output tolerances.
+1. Per graph, through Polygraphy's comparator: the bundle's graph on a backend against the PyTorch
+   step module it was exported from, on shapes not used at export (B=1, one row, t=0, S=1, and a
+   larger batch), with per-output tolerances. For TensorRT: each engine against the same ONNX graph
+   in ONNX Runtime, on those shapes brought inside the engine's profile, with the tolerances of the
+   engine's precision.
 2. End to end: `load(bundle).generate` against HF `generate` on the same inputs (batch > 1 with
    padding, beams > 1): identical token sequences, sequence scores within tolerance.
 """
@@ -71,12 +73,48 @@ def _torch_runner(module: torch.nn.Module, graph):
 
 
 def backend_runner(backend: str, bundle_dir, graph_file: str):
-    """The Polygraphy runner for one bundle graph on a backend."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-
+    """The Polygraphy runner for one bundle file on a backend (an .onnx graph, or a TensorRT engine)."""
     if backend == "onnxruntime":
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
         return OnnxrtRunner(SessionFromOnnx(str(bundle_dir / graph_file), providers=["CPUExecutionProvider"]))
+    if backend == "tensorrt":
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        return TrtRunner(EngineFromBytes(BytesFromPath(str(bundle_dir / graph_file))))
     raise ValueError(f"no graph runner for backend {backend!r}")
+
+
+def _graph_runners(backend: str, bundle_dir, manifest, graph) -> tuple[list, str, tuple[dict, ...]]:
+    """(runners, the last one being the reference; the dtype whose tolerances apply; the shapes to run)."""
+    if backend != "tensorrt":
+        runner = backend_runner(backend, bundle_dir, manifest.graphs[graph.name].file)
+        return [runner, _torch_runner(graph, graph)], manifest.dtype, COMPARE_SIZES
+    engine = backend_runner("tensorrt", bundle_dir, manifest.engines["graphs"][graph.name]["file"])
+    reference = backend_runner("onnxruntime", bundle_dir, manifest.graphs[graph.name].file)
+    sizes = tuple(_within_profile(s, manifest.engines["axes"]) for s in COMPARE_SIZES)
+    return [engine, reference], engine_dtype(manifest), sizes
+
+
+def engine_dtype(manifest) -> str:
+    """The dtype a bundle's TensorRT engines compute in (their precision), for tolerances."""
+    from el_export.trt.precision import PRECISIONS
+
+    return PRECISIONS[manifest.engines["precision"]]
+
+
+def _within_profile(sizes: dict, axes: dict) -> dict:
+    """Compare sizes moved inside an engine profile's axis ranges, keeping rows = batch x beams and
+    context = prompt + past."""
+    clamp = {a: (lambda v, a=a: min(max(v, axes[a][0]), axes[a][2])) for a in axes}
+    out = {a: clamp[a](v) if a in clamp else v for a, v in sizes.items()}
+    if "rows" in axes:
+        beams = min(sizes["rows"] // sizes["batch"], axes["rows"][2] // out["batch"])
+        out["rows"] = out["batch"] * max(1, beams)
+    if "context" in axes:
+        out["context"] = clamp["context"](out["prompt"] + sizes["context"] - sizes["prompt"])
+    return out
 
 
 def compare_graphs(bundle_dir, manifest, model: torch.nn.Module, backend: str = "onnxruntime") -> list[Check]:
@@ -88,17 +126,17 @@ def compare_graphs(bundle_dir, manifest, model: torch.nn.Module, backend: str = 
     G_LOGGER.module_severity = G_LOGGER.CRITICAL  # the table below reports the outcome
     checks = []
     for graph in graphs_for(model, manifest.mode):
-        tol = GRAPH_TOLERANCE[manifest.dtype]
+        runners, dtype, shapes = _graph_runners(backend, bundle_dir, manifest, graph)
+        tol = GRAPH_TOLERANCE[dtype]
         feeds = [
             OrderedDict(
                 (s.name, t.numpy()) for s, t in zip(graph.inputs, sample_inputs(graph, sizes, seed=7), strict=True)
             )
-            for sizes in COMPARE_SIZES
+            for sizes in shapes
         ]
-        runners = [backend_runner(backend, bundle_dir, manifest.graphs[graph.name].file), _torch_runner(graph, graph)]
         results = Comparator.run(runners, data_loader=feeds)
         reference = results[1][1]
-        atol = {s.name: graph_atol([r[s.name] for r in reference], manifest.dtype) for s in graph.outputs}
+        atol = {s.name: graph_atol([r[s.name] for r in reference], dtype) for s in graph.outputs}
         accuracy = Comparator.compare_accuracy(
             results, compare_func=CompareFunc.simple(atol=atol, rtol=tol["rtol"], check_shapes=True)
         )
@@ -106,7 +144,7 @@ def compare_graphs(bundle_dir, manifest, model: torch.nn.Module, backend: str = 
         bounds = ", ".join(f"{name} atol {value:.1e}" for name, value in atol.items())
         checks.append(
             Check(
-                f"graph {graph.name} ({backend} vs torch)",
+                f"graph {graph.name} ({backend} vs {'onnxruntime' if backend == 'tensorrt' else 'torch'})",
                 bool(accuracy),
                 f"{len(feeds)} shapes, max abs error {worst:.2e} ({bounds}, rtol {tol['rtol']})",
             )
@@ -220,8 +258,9 @@ def compare_bundle(
     generation = compare_generation(
         generator, hf_model, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens
     )
-    if generator.manifest.dtype != "float32":  # fp16 rounding may pick other tokens than HF in fp32
+    dtype = engine_dtype(generator.manifest) if backend == "tensorrt" else generator.manifest.dtype
+    if dtype != "float32":  # fp16 rounding may pick other tokens than HF in fp32
         for check in generation:
-            check.detail = f"{'equal' if check.passed else 'differs'} (informational for {generator.manifest.dtype})"
+            check.detail = f"{'equal' if check.passed else 'differs'} (informational for {dtype})"
             check.passed = True
     return checks + generation

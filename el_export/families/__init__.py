@@ -89,6 +89,19 @@ def family_for(config) -> Family:
     raise UnsupportedModelError(f"{model_type} ({name}) is not supported by el-export; supported families: {supported}")
 
 
+def family_named(name: str) -> Family:
+    """The registered family a manifest names (its `family` field).
+
+    Raises:
+        UnsupportedModelError: no family has that name.
+    """
+    _load_builtin_families()
+    by_name = {f.name: f for f in _BY_CONFIG.values()}
+    if name not in by_name:
+        raise UnsupportedModelError(f"no family is named {name!r}; families: {', '.join(sorted(by_name))}")
+    return by_name[name]
+
+
 def supported_config_names() -> list[str]:
     _load_builtin_families()
     return sorted(_BY_CONFIG)

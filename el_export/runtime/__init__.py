@@ -11,6 +11,7 @@ from el_export.runtime.base import Backend
 
 BACKENDS = {  # name -> (module, class, what to install when its import fails)
     "onnxruntime": ("el_export.runtime.onnxruntime", "OnnxRuntimeBackend", "pip install onnxruntime"),
+    "tensorrt": ("el_export.runtime.tensorrt", "TensorRTBackend", "pip install tensorrt (on a GPU host)"),
 }
 
 
