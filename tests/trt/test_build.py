@@ -133,3 +133,12 @@ def test_the_trt_modules_import_without_tensorrt_and_polygraphy():
     )
     result = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_build_help_lists_the_limits(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["build", "--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out
+    options = ("--fp16", "--bf16", "--max-batch", "--max-beams", "--max-source", "--max-new-tokens", "--max-prompt")
+    assert all(option in usage for option in options)
