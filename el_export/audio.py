@@ -5,6 +5,7 @@ Hann STFT, power, mel filters, log10, dynamic range of 8, (x + 4) / 4), with the
 the exporter copied into the bundle, so the features are the ones HF computes.
 """
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,25 +33,29 @@ class FeatureSpec:
         return dict(vars(self))
 
 
-def load_audio(path: str | Path, sampling_rate: int) -> np.ndarray:
-    """A WAV or FLAC file -> mono float32 samples.
+def load_audio(source: str | Path | bytes, sampling_rate: int) -> np.ndarray:
+    """A WAV or FLAC file (its path, or its bytes) -> mono float32 samples.
 
     Raises:
         InputError: unreadable file, or a sample rate other than `sampling_rate` (no silent resampling).
     """
     import soundfile
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"audio file {path} does not exist")
+    if isinstance(source, bytes):
+        name, file, example = "the audio bytes", io.BytesIO(source), "in.wav"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"audio file {path} does not exist")
+        name, file, example = str(path), str(path), path.name
     try:
-        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError) as e:
-        raise InputError(f"cannot read audio {path}: {e}") from None
+        raise InputError(f"cannot read audio {name}: {e}") from None
     if rate != sampling_rate:
         raise InputError(
-            f"{path} is sampled at {rate} Hz but the model needs {sampling_rate} Hz; resample it first "
-            f"(for example: sox {path.name} -r {sampling_rate} out.wav)"
+            f"{name} is sampled at {rate} Hz but the model needs {sampling_rate} Hz; resample it first "
+            f"(for example: sox {example} -r {sampling_rate} out.wav)"
         )
     return samples.mean(axis=1)  # mono
 

@@ -25,7 +25,7 @@ class Tokenizer:
     def from_bundle(cls, bundle_dir: Path, manifest) -> "Tokenizer | None":
         if manifest.tokenizer is None:
             return None
-        return cls((bundle_dir / manifest.tokenizer).read_text(), *_padding(manifest))
+        return cls((bundle_dir / manifest.tokenizer).read_text(encoding="utf-8"), *padding(manifest))
 
     @classmethod
     def from_hf(cls, tokenizer, manifest) -> "Tokenizer | None":
@@ -33,7 +33,7 @@ class Tokenizer:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             return None
-        return cls(backend.to_str(), *_padding(manifest))
+        return cls(backend.to_str(), *padding(manifest))
 
     def encode(self, texts: list[str], max_length: int | None = None, truncation: bool = False):
         """Texts -> (input_ids, attention_mask) int64 [B, S], padded on `padding_side`.
@@ -57,20 +57,25 @@ class Tokenizer:
                 self._truncating.enable_truncation(max_length)
                 ids = self._truncating.encode(text).ids  # cuts the text, keeps the special tokens
             encoded.append(ids)
-        S = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), S), self.pad_token_id, dtype=torch.int64)
-        mask = torch.zeros((len(encoded), S), dtype=torch.int64)
-        for i, ids in enumerate(encoded):
-            cols = slice(S - len(ids), S) if self.padding_side == "left" else slice(0, len(ids))
-            input_ids[i, cols] = torch.tensor(ids, dtype=torch.int64)
-            mask[i, cols] = 1
-        return input_ids, mask
+        return pad_ids(encoded, self.pad_token_id, self.padding_side)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [self._tok.decode(row, skip_special_tokens=True) for row in ids.tolist()]
 
 
-def _padding(manifest) -> tuple[int | None, str]:
+def pad_ids(rows: list[list[int]], pad_token_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (input_ids, attention_mask) int64 [B, S], padded on `side` ("left" or "right")."""
+    S = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), S), pad_token_id, dtype=torch.int64)
+    mask = torch.zeros((len(rows), S), dtype=torch.int64)
+    for i, ids in enumerate(rows):
+        cols = slice(S - len(ids), S) if side == "left" else slice(0, len(ids))
+        input_ids[i, cols] = torch.tensor(ids, dtype=torch.int64)
+        mask[i, cols] = 1
+    return input_ids, mask
+
+
+def padding(manifest) -> tuple[int | None, str]:
     """Pad id (HF falls back to eos) and side: decoder-only prompts are left-padded, as HF requires."""
     tokens = manifest.special_tokens
     pad = tokens.get("pad_token_id")
