@@ -61,9 +61,8 @@ def _torch_runner(module: torch.nn.Module, graph):
         def infer_impl(self, feed_dict):
             start = time.perf_counter()
             with torch.no_grad():
-                out = module(*(torch.as_tensor(feed_dict[s.name]) for s in graph.inputs))
+                out = graph.run([torch.as_tensor(feed_dict[s.name]) for s in graph.inputs])
             self.inference_time = time.perf_counter() - start
-            out = out if isinstance(out, tuple) else (out,)
             return OrderedDict((s.name, o.numpy()) for s, o in zip(graph.outputs, out, strict=True))
 
         def deactivate_impl(self):

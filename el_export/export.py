@@ -166,7 +166,8 @@ def export_graph(graph: torch.nn.Module, path: Path, opset: int | None = None, e
             dims[axis] = Dim(axis, min=0 if axis == "past" else 1)
         return dims[axis]
 
-    dynamic_shapes = tuple({i: dim(a) for i, a in enumerate(spec.shape) if isinstance(a, str)} for spec in graph.inputs)
+    axes = [{i: dim(a) for i, a in enumerate(spec.shape) if isinstance(a, str)} for spec in graph.inputs]
+    dynamic_shapes = graph.group(axes)  # the same nesting as forward's arguments (lists of per-layer caches)
     graph.eval()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # it warns about torchvision ops we never use
     try:
@@ -174,7 +175,7 @@ def export_graph(graph: torch.nn.Module, path: Path, opset: int | None = None, e
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 graph,
-                sample_inputs(graph),
+                graph.group(sample_inputs(graph)),
                 dynamo=True,
                 dynamic_shapes=dynamic_shapes,
                 input_names=[s.name for s in graph.inputs],
@@ -211,8 +212,7 @@ def check_graph(graph: torch.nn.Module, path: Path) -> None:
     for sizes in CHECK_SIZES:
         inputs = sample_inputs(graph, sizes, seed=1)
         with torch.no_grad():
-            expected = graph(*inputs)
-        expected = expected if isinstance(expected, tuple) else (expected,)
+            expected = graph.run(inputs)
         got = session.run(None, {s.name: t.numpy() for s, t in zip(graph.inputs, inputs, strict=True)})
         for spec, e, g in zip(graph.outputs, expected, got, strict=True):
             ok, error = graph_close(g.astype(np.float32), e.float().numpy(), float_dtype(graph.model))

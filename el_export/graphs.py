@@ -1,15 +1,24 @@
 """The exported graphs: each module keeps its forward, IO names, dtypes, axes and sample inputs together.
 
-Contracts (DESIGN.md section 3); N = B x k rows, t = tokens already decoded (may be 0):
+Contracts (DESIGN.md section 3); N = B x k rows, t = tokens already decoded (may be 0), i = layer:
 
     encoder (el):  input_ids [B, S], attention_mask [B, S] -> encoder_hidden [B, S, d]
-    encoder (kv):  ... -> encoder_hidden, cross_kv [L, 2, B, h, S, dh]
+                   (Whisper: input_features [B, mels, 2 S] instead of ids and mask)
+    encoder (kv):  ... -> encoder_hidden, cross_key.i, cross_value.i [B, h, S, dh]
     decoder_step (el): input_ids [N, 1], encoder_hidden [B, S, d], encoder_mask [B, S],
-                       past_hidden [L, N, t, d] -> logits [N, V], present_hidden [L, N, t+1, d]
-    decoder_step (kv): input_ids [N, 1], cross_kv [L, 2, N, h, S, dh], encoder_mask [N, S],
-                       past_kv [L, 2, N, h, t, dh] -> logits [N, V], present_kv [L, 2, N, h, t+1, dh]
+                       past_hidden.i [N, t, d] -> logits [N, V], present_hidden.i [N, t+1, d]
+    decoder_step (kv): input_ids [N, 1], cross_key.i, cross_value.i [N, h, S, dh], encoder_mask [N, S],
+                       past_key.i, past_value.i [N, h, t, dh] -> logits, present_key.i, present_value.i
+    prefill (GPT-2):   input_ids, attention_mask [B, P] -> logits [B, V], prompt_hidden.i [B, P, d]
+                       (kv: past_key.i, past_value.i [B, h, P, dh])
+    decoder_step (GPT-2 el): input_ids, position_ids [N, 1], prompt_hidden.i [B, P, d], prompt_mask [B, P],
+                       past_hidden.i [N, t, d] -> logits, present_hidden.i
+    decoder_step (GPT-2 kv): input_ids, position_ids, prompt_mask [N, P], past_key.i, past_value.i
+                       [N, h, P+t, dh] -> logits, present_key.i, present_value.i
 
-Symbolic axis names: "batch" (B), "rows" (N), "source" (S), "past" (t), "past+1" (t+1).
+Caches are one tensor per layer, as HF/Optimum graphs take them: ONNX has no views, so a packed
+[L, ...] cache would be split (copied) into layers on every step.
+Symbolic axes: "batch" (B), "rows" (N), "source" (S), "past" (t), "prompt" (P), "context" (P+t), "x+1".
 """
 
 from dataclasses import dataclass
@@ -46,28 +55,68 @@ def float_dtype(model: nn.Module) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
-class EncoderGraph(nn.Module):
-    name = "encoder"
+class Graph(nn.Module):
+    """A graph module: flat lists of input and output specs, grouped into forward's arguments by `args`.
 
-    def __init__(self, model: Seq2SeqLM, mode: str):
+    `args` names forward's arguments in order: a spec name, or a list of spec names for an argument
+    that is a list of tensors (the per-layer caches).
+    """
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    args: tuple
+
+    def __init__(self, model: nn.Module, mode: str):
         super().__init__()
         assert mode in MODES
         self.model, self.mode = model, mode
-        spec, f = model.spec, float_dtype(model)
-        d, L, h, dh = spec.d_model, spec.decoder_layers, spec.decoder.n_heads, spec.decoder.d_head
+        spec = model.spec
+        self.f = float_dtype(model)
+        self.d, self.L, self.h, self.dh = spec.d_model, spec.decoder_layers, spec.decoder.n_heads, spec.decoder.d_head
+        self.V = spec.vocab_size
+
+    def group(self, flat) -> tuple:
+        """Flat tensors (in `inputs` order) -> forward's arguments."""
+        by_name = {spec.name: tensor for spec, tensor in zip(self.inputs, flat, strict=True)}
+        return tuple([by_name[n] for n in arg] if isinstance(arg, list) else by_name[arg] for arg in self.args)
+
+    def run(self, flat) -> tuple[torch.Tensor, ...]:
+        """Flat tensors in, flat outputs (in `outputs` order) out."""
+        out = self(*self.group(flat))
+        out = out if isinstance(out, tuple) else (out,)
+        return tuple(t for item in out for t in (item if isinstance(item, list) else [item]))
+
+    def per_layer(self, base: str, dtype: str, shape: tuple) -> list[TensorSpec]:
+        return [TensorSpec(f"{base}.{i}", dtype, shape) for i in range(self.L)]
+
+    def kv_per_layer(self, prefix: str, shape: tuple) -> list[TensorSpec]:
+        """[prefix_key.0, prefix_value.0, prefix_key.1, ...]: K and V of each layer, interleaved."""
+        return [TensorSpec(f"{prefix}_{kind}.{i}", self.f, shape) for i in range(self.L) for kind in ("key", "value")]
+
+
+def _names(specs: list[TensorSpec]) -> list[str]:
+    return [s.name for s in specs]
+
+
+class EncoderGraph(Graph):
+    name = "encoder"
+
+    def __init__(self, model: Seq2SeqLM, mode: str):
+        super().__init__(model, mode)
+        spec = model.spec
         if spec.n_mels:  # audio: fixed-length log-mel frames, every frame attended (Whisper)
             S = spec.encoder_positions
-            self.inputs = (TensorSpec("input_features", f, ("batch", spec.n_mels, 2 * S)),)
+            self.inputs = (TensorSpec("input_features", self.f, ("batch", spec.n_mels, 2 * S)),)
         else:
             S = "source"
             self.inputs = (
                 TensorSpec("input_ids", "int64", ("batch", "source")),
                 TensorSpec("attention_mask", "int64", ("batch", "source")),
             )
-        outputs = [TensorSpec("encoder_hidden", f, ("batch", S, d))]
-        if mode == "kv":
-            outputs.append(TensorSpec("cross_kv", f, (L, 2, "batch", h, S, dh)))
-        self.outputs = tuple(outputs)
+        self.args = tuple(s.name for s in self.inputs)
+        cross = self.kv_per_layer("cross", ("batch", self.h, S, self.dh)) if mode == "kv" else []
+        self.outputs = (TensorSpec("encoder_hidden", self.f, ("batch", S, self.d)), *cross)
 
     def outputs_of(self, hidden):
         return hidden if self.mode == "el" else (hidden, self.model.cross_keys_values(hidden))
@@ -83,95 +132,83 @@ class _AudioEncoder(EncoderGraph):
         return self.outputs_of(self.model.encoder(input_features))
 
 
-class DecoderStepGraph(nn.Module):
+class DecoderStepGraph(Graph):
     name = "decoder_step"
 
     def __init__(self, model: Seq2SeqLM, mode: str):
-        super().__init__()
-        assert mode in MODES
-        self.model, self.mode = model, mode
-        spec, f = model.spec, float_dtype(model)
-        d, L, h, dh, V = spec.d_model, spec.decoder_layers, spec.decoder.n_heads, spec.decoder.d_head, spec.vocab_size
+        super().__init__(model, mode)
         ids = TensorSpec("input_ids", "int64", ("rows", 1))
-        logits = TensorSpec("logits", "float32", ("rows", V))
+        logits = TensorSpec("logits", "float32", ("rows", self.V))
         if mode == "el":
-            self.inputs = (
-                ids,
-                TensorSpec("encoder_hidden", f, ("batch", "source", d)),
+            context = [
+                TensorSpec("encoder_hidden", self.f, ("batch", "source", self.d)),
                 TensorSpec("encoder_mask", "int64", ("batch", "source")),
-                TensorSpec("past_hidden", f, (L, "rows", "past", d)),
-            )
-            self.outputs = (logits, TensorSpec("present_hidden", f, (L, "rows", "past+1", d)))
+            ]
+            past = self.per_layer("past_hidden", self.f, ("rows", "past", self.d))
+            present = self.per_layer("present_hidden", self.f, ("rows", "past+1", self.d))
+            self.args = ("input_ids", "encoder_hidden", "encoder_mask", _names(past))
         else:
-            self.inputs = (
-                ids,
-                TensorSpec("cross_kv", f, (L, 2, "rows", h, "source", dh)),
-                TensorSpec("encoder_mask", "int64", ("rows", "source")),
-                TensorSpec("past_kv", f, (L, 2, "rows", h, "past", dh)),
-            )
-            self.outputs = (logits, TensorSpec("present_kv", f, (L, 2, "rows", h, "past+1", dh)))
+            cross = self.kv_per_layer("cross", ("rows", self.h, "source", self.dh))
+            context = [*cross, TensorSpec("encoder_mask", "int64", ("rows", "source"))]
+            past = self.kv_per_layer("past", ("rows", self.h, "past", self.dh))
+            present = self.kv_per_layer("present", ("rows", self.h, "past+1", self.dh))
+            self.args = ("input_ids", _names(cross), "encoder_mask", _names(past))
+        self.inputs = (ids, *context, *past)
+        self.outputs = (logits, *present)
 
     def forward(self, input_ids, memory, encoder_mask, past):
         step = self.model.step_el if self.mode == "el" else self.model.step_kv
         return step(input_ids, memory, encoder_mask, past)
 
 
-class PrefillGraph(nn.Module):
+class PrefillGraph(Graph):
     """Decoder-only: the prompt, once. EL keeps each layer's prompt hidden states once per input;
     K/V returns the prompt's K/V, which the runtime repeats per row as HF does."""
 
     name = "prefill"
 
     def __init__(self, model: DecoderOnlyLM, mode: str):
-        super().__init__()
-        assert mode in MODES
-        self.model, self.mode = model, mode
-        spec, f = model.spec, float_dtype(model)
-        d, L, h, dh, V = spec.d_model, spec.decoder_layers, spec.decoder.n_heads, spec.decoder.d_head, spec.vocab_size
+        super().__init__(model, mode)
         self.inputs = (
             TensorSpec("input_ids", "int64", ("batch", "prompt")),
             TensorSpec("attention_mask", "int64", ("batch", "prompt")),
         )
+        self.args = ("input_ids", "attention_mask")
         cache = (
-            TensorSpec("prompt_hidden", f, (L, "batch", "prompt", d))
+            self.per_layer("prompt_hidden", self.f, ("batch", "prompt", self.d))
             if mode == "el"
-            else TensorSpec("past_kv", f, (L, 2, "batch", h, "prompt", dh))
+            else self.kv_per_layer("past", ("batch", self.h, "prompt", self.dh))
         )
-        self.outputs = (TensorSpec("logits", "float32", ("batch", V)), cache)
+        self.outputs = (TensorSpec("logits", "float32", ("batch", self.V)), *cache)
 
     def forward(self, input_ids, attention_mask):
         prefill = self.model.prefill_el if self.mode == "el" else self.model.prefill_kv
         return prefill(input_ids, attention_mask)
 
 
-class DecoderOnlyStepGraph(nn.Module):
+class DecoderOnlyStepGraph(Graph):
     """Decoder-only step with explicit positions (left-padded prompts start at different offsets)."""
 
     name = "decoder_step"
 
     def __init__(self, model: DecoderOnlyLM, mode: str):
-        super().__init__()
-        assert mode in MODES
-        self.model, self.mode = model, mode
-        spec, f = model.spec, float_dtype(model)
-        d, L, h, dh, V = spec.d_model, spec.decoder_layers, spec.decoder.n_heads, spec.decoder.d_head, spec.vocab_size
-        head = (TensorSpec("input_ids", "int64", ("rows", 1)), TensorSpec("position_ids", "int64", ("rows", 1)))
-        logits = TensorSpec("logits", "float32", ("rows", V))
+        super().__init__(model, mode)
+        head = [TensorSpec("input_ids", "int64", ("rows", 1)), TensorSpec("position_ids", "int64", ("rows", 1))]
+        logits = TensorSpec("logits", "float32", ("rows", self.V))
         if mode == "el":
-            self.inputs = (
-                *head,
-                TensorSpec("prompt_hidden", f, (L, "batch", "prompt", d)),
-                TensorSpec("prompt_mask", "int64", ("batch", "prompt")),
-                TensorSpec("past_hidden", f, (L, "rows", "past", d)),
-            )
-            self.outputs = (logits, TensorSpec("present_hidden", f, (L, "rows", "past+1", d)))
+            prompt = self.per_layer("prompt_hidden", self.f, ("batch", "prompt", self.d))
+            mask = TensorSpec("prompt_mask", "int64", ("batch", "prompt"))
+            past = self.per_layer("past_hidden", self.f, ("rows", "past", self.d))
+            present = self.per_layer("present_hidden", self.f, ("rows", "past+1", self.d))
+            self.inputs = (*head, *prompt, mask, *past)
+            self.args = ("input_ids", "position_ids", _names(prompt), "prompt_mask", _names(past))
         else:  # the prompt's K/V and then the generated tokens' ("context" = prompt + past)
-            self.inputs = (
-                *head,
-                TensorSpec("prompt_mask", "int64", ("rows", "prompt")),
-                TensorSpec("past_kv", f, (L, 2, "rows", h, "context", dh)),
-            )
-            self.outputs = (logits, TensorSpec("present_kv", f, (L, 2, "rows", h, "context+1", dh)))
+            mask = TensorSpec("prompt_mask", "int64", ("rows", "prompt"))
+            past = self.kv_per_layer("past", ("rows", self.h, "context", self.dh))
+            present = self.kv_per_layer("present", ("rows", self.h, "context+1", self.dh))
+            self.inputs = (*head, mask, *past)
+            self.args = ("input_ids", "position_ids", "prompt_mask", _names(past))
+        self.outputs = (logits, *present)
 
 
 class _DecoderOnlyStepEL(DecoderOnlyStepGraph):
@@ -184,7 +221,7 @@ class _DecoderOnlyStepKV(DecoderOnlyStepGraph):
         return self.model.step_kv(input_ids, position_ids, prompt_mask, past_kv)
 
 
-def graphs_for(model: nn.Module, mode: str) -> list[nn.Module]:
+def graphs_for(model: nn.Module, mode: str) -> list[Graph]:
     if isinstance(model, DecoderOnlyLM):
         step = _DecoderOnlyStepEL if mode == "el" else _DecoderOnlyStepKV  # the exporter needs explicit arguments
         return [PrefillGraph(model, mode), step(model, mode)]
@@ -192,8 +229,8 @@ def graphs_for(model: nn.Module, mode: str) -> list[nn.Module]:
     return [encoder(model, mode), DecoderStepGraph(model, mode)]
 
 
-def sample_inputs(graph: nn.Module, sizes: dict[str, int] | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Random inputs that satisfy a graph's contract (masks all ones but the last input's tail)."""
+def sample_inputs(graph: Graph, sizes: dict[str, int] | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random flat inputs that satisfy a graph's contract (masks all ones but the last input's tail)."""
     sizes = {**SAMPLE_SIZES, **(sizes or {})}
     generator = torch.Generator().manual_seed(seed)
     vocab = min(graph.model.spec.vocab_size, graph.model.spec.encoder_vocab_size or graph.model.spec.vocab_size)

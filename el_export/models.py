@@ -177,32 +177,33 @@ class _LM(nn.Module):
         return self.logits(x)
 
     def _run_kv(self, x, extend, self_bias, cross_kv=None, memory_bias=None):
+        """cross_kv: [K_0, V_0, K_1, V_1, ...], each [N, h, S, dh]."""
         for i, layer in enumerate(self.decoder.layers):
-            cross = (cross_kv[i, 0], cross_kv[i, 1]) if cross_kv is not None else (None, None)
+            cross = (cross_kv[2 * i], cross_kv[2 * i + 1]) if cross_kv is not None else (None, None)
             x = layer.forward_kv(x, extend(i), self_bias, *cross, memory_bias)
         return self.logits(x)
 
 
-def _growing_el(past_hidden: torch.Tensor, new_rows: list):
-    """`extend` for EL over a growing cache [L, N, t, d]: collects this step's rows per layer."""
+def _growing_el(past_hidden: list, present: list):
+    """`extend` for EL over growing per-layer caches [N, t, d]: collects each layer's [N, t+T, d]."""
 
     def extend(i):
         def rows(a):
-            new_rows.append(a)
-            return torch.cat([past_hidden[i], a], dim=1)
+            present.append(torch.cat([past_hidden[i], a], dim=1))
+            return present[-1]
 
         return rows
 
     return extend
 
 
-def _growing_kv(past_kv: torch.Tensor, present: list):
-    """`extend` for K/V over a growing cache [L, 2, N, h, t, dh]."""
+def _growing_kv(past_kv: list, present: list):
+    """`extend` for K/V over growing per-layer caches [K_0, V_0, K_1, ...], each [N, h, t, dh]."""
 
     def extend(i):
         def keys_values(_a, k_new, v_new):
-            k, v = torch.cat([past_kv[i, 0], k_new], dim=2), torch.cat([past_kv[i, 1], v_new], dim=2)
-            present.append(torch.stack([k, v]))
+            k, v = torch.cat([past_kv[2 * i], k_new], dim=2), torch.cat([past_kv[2 * i + 1], v_new], dim=2)
+            present.extend([k, v])
             return k, v
 
         return keys_values
@@ -242,49 +243,49 @@ class Seq2SeqLM(_LM):
         super().__init__(spec)
         self.encoder = AudioEncoder(spec) if spec.n_mels else Encoder(spec)
 
-    def cross_keys_values(self, memory: torch.Tensor) -> torch.Tensor:
-        """kv mode: every layer's cross K/V of the encoder output. [B, S, d] -> [L, 2, B, h, S, dh]"""
-        kv = [torch.stack(layer.encoder_attn.keys_values(memory)) for layer in self.decoder.layers]
-        return torch.stack(kv)
+    def cross_keys_values(self, memory: torch.Tensor) -> list[torch.Tensor]:
+        """kv mode: every layer's cross K/V of the encoder output. [B, S, d] -> [K_0, V_0, ...] [B, h, S, dh]"""
+        return [t for layer in self.decoder.layers for t in layer.encoder_attn.keys_values(memory)]
 
-    def _start(self, input_ids, start, key_length, like):
+    def _start(self, input_ids, start, key_length):
+        """Embeddings of T new tokens from position `start`, and their self-attention bias over R keys."""
         T = input_ids.shape[1]
         x = self.decoder.embed(input_ids, torch.arange(T, device=input_ids.device) + start)
-        return x, self.decoder.self_bias(T, start, key_length, like)
+        return x, self.decoder.self_bias(T, start, key_length, x)
 
     def step_el(self, input_ids, memory, memory_mask, past_hidden):
         """EL decoder step.
 
         input_ids [N, T]; memory [B, S, d] (one copy per input, N = B*k); memory_mask [B, S];
-        past_hidden [L, N, t, d] -> (logits [N, V], present_hidden [L, N, t+T, d]).
+        past_hidden: per layer [N, t, d] -> (logits [N, V], present_hidden: per layer [N, t+T, d]).
         """
-        t, new_rows = past_hidden.shape[2], []
-        x, self_bias = self._start(input_ids, t, t + input_ids.shape[1], memory)
+        t, present = past_hidden[0].shape[1], []
+        x, self_bias = self._start(input_ids, t, t + input_ids.shape[1])
         memory_bias = additive_mask(memory_mask, x.dtype)[:, None, :]  # [B, 1, S]
-        logits = self._run_el(x, _growing_el(past_hidden, new_rows), self_bias, memory=memory, memory_bias=memory_bias)
-        return logits, torch.cat([past_hidden, torch.stack(new_rows)], dim=2)
+        logits = self._run_el(x, _growing_el(past_hidden, present), self_bias, memory=memory, memory_bias=memory_bias)
+        return logits, present
 
     def step_el_static(self, input_ids, memory, memory_mask, cache, position):
         """EL step over a preallocated cache [L, N, C, d] written at `position` (int64 [1]) -> logits [N, V]."""
-        x, self_bias = self._start(input_ids, position, cache.shape[2], memory)
+        x, self_bias = self._start(input_ids, position, cache.shape[2])
         memory_bias = additive_mask(memory_mask, x.dtype)[:, None, :]
         return self._run_el(x, _static_el(cache, position), self_bias, memory=memory, memory_bias=memory_bias)
 
     def step_kv(self, input_ids, cross_kv, memory_mask, past_kv):
         """Standard (HF/Optimum) decoder step.
 
-        input_ids [N, T]; cross_kv [L, 2, N, h, S, dh] (repeated per row); memory_mask [N, S];
-        past_kv [L, 2, N, h, t, dh] -> (logits [N, V], present_kv [L, 2, N, h, t+T, dh]).
+        input_ids [N, T]; cross_kv [K_0, V_0, ...] each [N, h, S, dh] (repeated per row); memory_mask [N, S];
+        past_kv [K_0, V_0, ...] each [N, h, t, dh] -> (logits [N, V], present_kv: each [N, h, t+T, dh]).
         """
-        t, present = past_kv.shape[4], []
-        x, self_bias = self._start(input_ids, t, t + input_ids.shape[1], cross_kv)
+        t, present = past_kv[0].shape[2], []
+        x, self_bias = self._start(input_ids, t, t + input_ids.shape[1])
         memory_bias = additive_mask(memory_mask, x.dtype)[:, None, None, :]  # [N, 1, 1, S]
         logits = self._run_kv(x, _growing_kv(past_kv, present), self_bias, cross_kv, memory_bias)
-        return logits, torch.stack(present)
+        return logits, present
 
     def step_kv_static(self, input_ids, cross_kv, memory_mask, cache, position):
         """Standard step over a preallocated K/V cache [L, 2, N, h, C, dh] written at `position`."""
-        x, self_bias = self._start(input_ids, position, cache.shape[4], cross_kv)
+        x, self_bias = self._start(input_ids, position, cache.shape[4])
         memory_bias = additive_mask(memory_mask, x.dtype)[:, None, None, :]
         return self._run_kv(x, _static_kv(cache, position), self_bias, cross_kv, memory_bias)
 
@@ -323,38 +324,39 @@ class DecoderOnlyLM(_LM):
             return record
 
         logits = self._run_kv(x, extend, bias)
-        return logits, torch.stack(hidden)
+        return logits, hidden
 
     def prefill_kv(self, input_ids, attention_mask):
-        """[B, P] prompt -> (logits [B, V], past_kv [L, 2, B, h, P, dh])."""
+        """[B, P] prompt -> (logits [B, V], past_kv [K_0, V_0, ...] each [B, h, P, dh])."""
         x, bias = self._prompt(input_ids, attention_mask)
         present = []
-        logits = self._run_kv(x, _growing_kv(_empty_kv(self, x), present), bias)
-        return logits, torch.stack(present)
+
+        def extend(i):
+            def keys_values(_a, k, v):
+                present.extend([k, v])
+                return k, v
+
+            return keys_values
+
+        logits = self._run_kv(x, extend, bias)
+        return logits, present
 
     def step_el(self, input_ids, position_ids, prompt_hidden, prompt_mask, past_hidden):
-        """EL step. input_ids, position_ids [N, 1]; prompt_hidden [L, B, P, d] and prompt_mask [B, P]
-        (once per input); past_hidden [L, N, t, d] -> (logits [N, V], present_hidden [L, N, t+1, d])."""
-        new_rows = []
-        x = self.decoder.embed(input_ids, position_ids)
-        shared_bias = additive_mask(prompt_mask, x.dtype)[:, None, :]  # [B, 1, P]
-        logits = self._run_el(
-            x, _growing_el(past_hidden, new_rows), None, shared=prompt_hidden, shared_bias=shared_bias
-        )
-        return logits, torch.cat([past_hidden, torch.stack(new_rows)], dim=2)
-
-    def step_kv(self, input_ids, position_ids, prompt_mask, past_kv):
-        """K/V step. prompt_mask [N, P]; past_kv [L, 2, N, h, P+t, dh] (the prompt's K/V per row, then
-        the generated tokens') -> (logits [N, V], present_kv [L, 2, N, h, P+t+1, dh])."""
+        """EL step. input_ids, position_ids [N, 1]; prompt_hidden: per layer [B, P, d] and prompt_mask [B, P]
+        (once per input); past_hidden: per layer [N, t, d] -> (logits [N, V], present_hidden: [N, t+1, d])."""
         present = []
         x = self.decoder.embed(input_ids, position_ids)
-        R = past_kv.shape[4] + 1
+        shared_bias = additive_mask(prompt_mask, x.dtype)[:, None, :]  # [B, 1, P]
+        logits = self._run_el(x, _growing_el(past_hidden, present), None, shared=prompt_hidden, shared_bias=shared_bias)
+        return logits, present
+
+    def step_kv(self, input_ids, position_ids, prompt_mask, past_kv):
+        """K/V step. prompt_mask [N, P]; past_kv [K_0, V_0, ...] each [N, h, P+t, dh] (the prompt's K/V per row,
+        then the generated tokens') -> (logits [N, V], present_kv: each [N, h, P+t+1, dh])."""
+        present = []
+        x = self.decoder.embed(input_ids, position_ids)
+        R = past_kv[0].shape[2] + 1
         attended = torch.ones(prompt_mask.shape[0], R - prompt_mask.shape[1], dtype=prompt_mask.dtype, device=x.device)
         bias = additive_mask(torch.cat([prompt_mask, attended], dim=1), x.dtype)[:, None, None, :]  # [N, 1, 1, R]
         logits = self._run_kv(x, _growing_kv(past_kv, present), bias)
-        return logits, torch.stack(present)
-
-
-def _empty_kv(model: _LM, like: torch.Tensor) -> torch.Tensor:
-    spec = model.spec.decoder
-    return like.new_zeros(model.spec.decoder_layers, 2, like.shape[0], spec.n_heads, 0, spec.d_head)
+        return logits, present

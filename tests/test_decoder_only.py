@@ -75,7 +75,9 @@ def test_prompt_hidden_states_are_passed_once_per_input(bundles, monkeypatch):
 
     def spy(self, graph_name, feeds, axes):
         if graph_name == "decoder_step":
-            seen.append((feeds["prompt_hidden"].shape[1], feeds["input_ids"].shape[0], feeds["past_hidden"].shape[1]))
+            seen.append(
+                (feeds["prompt_hidden.0"].shape[0], feeds["input_ids"].shape[0], feeds["past_hidden.1"].shape[0])
+            )
         return original(self, graph_name, feeds, axes)
 
     monkeypatch.setattr(OnnxRuntimeBackend, "_run_impl", spy)

@@ -42,7 +42,8 @@ def test_manifest_records_the_contract(bundles, hf_models):
     assert (data["family"], data["kind"], data["mode"], data["dtype"]) == ("bart", "seq2seq", "el", "float32")
     assert data["dims"]["decoder_layers"] == 2 and data["dims"]["d_model"] == 32
     step = data["graphs"]["decoder_step"]
-    assert [i["name"] for i in step["inputs"]] == ["input_ids", "encoder_hidden", "encoder_mask", "past_hidden"]
+    names = ["input_ids", "encoder_hidden", "encoder_mask", "past_hidden.0", "past_hidden.1"]
+    assert [i["name"] for i in step["inputs"]] == names  # one cache tensor per layer: ONNX has no views
     assert step["inputs"][1]["shape"] == ["batch", "source", 32]  # shared: never repeated per beam
     assert data["special_tokens"]["decoder_start_token_id"] == 2
     assert data["generation_defaults"]["forced_eos_token_id"] == 2
@@ -51,10 +52,11 @@ def test_manifest_records_the_contract(bundles, hf_models):
         assert sha256(bundle / name) == entry["sha256"]
 
 
-def test_kv_encoder_returns_cross_kv(bundles):
+def test_kv_encoder_returns_cross_keys_and_values_per_layer(bundles):
     manifest = read_manifest(bundles("bart", "kv"))
-    assert [s.name for s in manifest.graphs["encoder"].outputs] == ["encoder_hidden", "cross_kv"]
-    assert manifest.graphs["decoder_step"].input("cross_kv").shape == (2, 2, "rows", 4, "source", 8)
+    names = ["encoder_hidden", "cross_key.0", "cross_value.0", "cross_key.1", "cross_value.1"]
+    assert [s.name for s in manifest.graphs["encoder"].outputs] == names
+    assert manifest.graphs["decoder_step"].input("cross_value.1").shape == ("rows", 4, "source", 8)
 
 
 def test_external_data_is_listed_hashed_and_loadable(tmp_path):
@@ -107,7 +109,7 @@ def test_float16_export_keeps_t5_feed_forward_output_in_float32(tmp_path, hf_mod
     out = tmp_path / "t5-fp16"
     manifest = export_model(hf_models("t5-v1_1"), out, dtype="float16", progress=False)
     assert manifest.dtype == "float16"
-    assert manifest.graphs["decoder_step"].input("past_hidden").dtype == "float16"
+    assert manifest.graphs["decoder_step"].input("past_hidden.0").dtype == "float16"
     assert manifest.graphs["decoder_step"].output("logits").dtype == "float32"
     kept = manifest.fp32_modules["modules"]
     assert (

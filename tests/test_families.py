@@ -32,12 +32,13 @@ def test_encoder_and_steps_match_hf_forward(family, padded_batch):
         for mode in ("el", "kv"):
             k = 2  # two rows per input, as beams
             rows = decoder_ids.repeat_interleave(k, 0)
-            if mode == "el":
-                state, context, m = torch.zeros(2, 6, 0, 32), memory, mask
+            if mode == "el":  # per-layer caches of layer inputs; the encoder output once per input
+                state, context, m = [torch.zeros(6, 0, 32)] * 2, memory, mask
                 step = model.step_el
-            else:
-                state = torch.zeros(2, 2, 6, 4, 0, 8)
-                context, m = model.cross_keys_values(memory).repeat_interleave(k, 2), mask.repeat_interleave(k, 0)
+            else:  # per-layer K and V; cross K/V repeated per row
+                state = [torch.zeros(6, 4, 0, 8)] * 4
+                context = [t.repeat_interleave(k, 0) for t in model.cross_keys_values(memory)]
+                m = mask.repeat_interleave(k, 0)
                 step = model.step_kv
             for t in range(rows.shape[1]):
                 logits, state = step(rows[:, t : t + 1], context, m, state)

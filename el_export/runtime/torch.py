@@ -49,8 +49,7 @@ class TorchBackend(Backend):
     def _run_impl(self, graph_name, feeds, axes):
         graph = self.graphs[graph_name]
         with torch.no_grad():
-            out = graph(*(feeds[spec.name] for spec in graph.inputs))
-        out = out if isinstance(out, tuple) else (out,)
+            out = graph.run([feeds[spec.name] for spec in graph.inputs])
         return {spec.name: tensor for spec, tensor in zip(graph.outputs, out, strict=True)}
 
 
@@ -81,32 +80,42 @@ class StaticCacheDecoder:
 
     def __init__(self, backend: TorchBackend, context: dict[str, torch.Tensor]):
         self.backend = backend
-        graph = backend.graphs["decoder_step"]
-        self.model, self.mode = graph.model, graph.mode
-        self.spec = backend.manifest.graphs["decoder_step"]
+        self.graph = backend.graphs["decoder_step"]
+        self.model, self.mode = self.graph.model, self.graph.mode
         self.context = context
 
     def start(self, prompt_ids: torch.Tensor, rows_per_input: int) -> torch.Tensor:
         k = rows_per_input
         device = self.backend.device
-        self.inputs = []  # the step's context inputs, in the graph's order
-        for spec in self.spec.inputs[1:-1]:
-            tensor = self.context[spec.name]
-            self.inputs.append(
-                tensor.repeat_interleave(k, dim=spec.shape.index("rows")) if "rows" in spec.shape else tensor
-            )
-        cache_spec = self.spec.inputs[-1]
-        self.time_axis, self.rows_axis = cache_spec.shape.index("past"), cache_spec.shape.index("rows")
-        N = prompt_ids.shape[0] * k
-        self.cache_shape = [N if a == "rows" else a for a in cache_spec.shape]
+        specs = {spec.name: spec for spec in self.graph.inputs}
+        self.context_args = self.graph.args[1:-1]  # between input_ids and the caches: names, or lists of names
+        self.inputs = []  # the context tensors, flat, in that order (repeated per row where the graph says so)
+        for name in (n for arg in self.context_args for n in (arg if isinstance(arg, list) else [arg])):
+            tensor, shape = self.context[name], specs[name].shape
+            self.inputs.append(tensor.repeat_interleave(k, dim=shape.index("rows")) if "rows" in shape else tensor)
+        N, spec = prompt_ids.shape[0] * k, self.model.spec
+        L, h, dh, d = spec.decoder_layers, spec.decoder.n_heads, spec.decoder.d_head, spec.d_model
+        # one packed cache (torch indexes it without copies): [L, N, C, d] (el) or [L, 2, N, h, C, dh] (kv)
+        self.cache_shape = [L, N, "past", d] if self.mode == "el" else [L, 2, N, h, "past", dh]
+        self.time_axis, self.rows_axis = (2, 1) if self.mode == "el" else (4, 2)
         self.cache = self._allocate(self.CAPACITY)
         self.t = 0
-        self.step_fn = self.model.step_el_static if self.mode == "el" else self.model.step_kv_static
+        step = self.model.step_el_static if self.mode == "el" else self.model.step_kv_static
+        self.step_fn = lambda ids, *rest: step(ids, *self._structure(rest[:-2]), *rest[-2:])
         self.position = torch.zeros(1, dtype=torch.int64, device=device)
         rows = prompt_ids.to(device).repeat_interleave(k, dim=0)
         for p in range(rows.shape[1]):
             logits = self.step(rows[:, p : p + 1])
         return logits
+
+    def _structure(self, flat) -> list:
+        """Flat context tensors -> the step's context arguments (a tensor, or a list for per-layer K/V)."""
+        flat, out = list(flat), []
+        for arg in self.context_args:
+            n = len(arg) if isinstance(arg, list) else 1
+            out.append(flat[:n] if isinstance(arg, list) else flat[0])
+            flat = flat[n:]
+        return out
 
     def _allocate(self, capacity: int) -> torch.Tensor:
         shape = [capacity if a == "past" else a for a in self.cache_shape]

@@ -53,7 +53,7 @@ def test_engines_round_trip_through_the_manifest(bundle):
         "engines/encoder.plan",
         "engines/decoder_step.plan",
     }
-    assert read.engines["graphs"]["decoder_step"]["profile"]["past_hidden"]["max"] == [2, 6, 63, 32]
+    assert read.engines["graphs"]["decoder_step"]["profile"]["past_hidden.1"]["max"] == [6, 63, 32]
     assert read.engines["axes"]["rows"] == [1, 6, 6] and read.engines["limits"]["beams"] == 3
 
 
