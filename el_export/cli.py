@@ -6,6 +6,7 @@ and only here. Anything else is a bug and keeps its traceback.
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -102,6 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_demo)
 
+    p = sub.add_parser("serve", help="serve a bundle through Triton (PyTriton), with dynamic batching")
+    p.add_argument("bundle", type=Path)
+    _add_serving_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", "--http-port", dest="http_port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    p.add_argument("--log-file", type=Path, help="write the Triton server's log there (default: the console)")
+    p.add_argument("--backend", default="onnxruntime")
+    p.set_defaults(run=_serve)
+
+    p = sub.add_parser("triton-repo", help="write a Triton model repository (Python backend) serving a bundle")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="repository directory to create")
+    _add_serving_arguments(p)
+    p.add_argument("--backend", default="onnxruntime", help="el-export backend the model runs on")
+    p.set_defaults(run=_triton_repo)
+
     p = sub.add_parser("import-ct2", help="import a CTranslate2 (faster-whisper) Whisper model as an HF checkpoint")
     p.add_argument("ct2_dir", type=Path, help="directory with model.bin, config.json, tokenizer.json")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
@@ -124,6 +143,29 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int)
+
+
+def _add_serving_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-name", help="Triton model name (default: the bundle directory's name)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="inputs per model call (default 8)")
+    p.add_argument("--max-queue-delay-us", type=int, default=5000,
+                   help="how long a request waits for others to batch with, in µs (default 5000)")  # fmt: skip
+    p.add_argument("--no-dynamic-batching", dest="dynamic_batching", action="store_false",
+                   help="run every request on its own")  # fmt: skip
+    p.add_argument("--instances", type=int, default=1, help="model instances sharing the loaded bundle (default 1)")
+
+
+def serve_config(args: argparse.Namespace):
+    """The serving arguments as a `ServeConfig`."""
+    from el_export.serve import ServeConfig
+
+    name = args.model_name or re.sub(r"[^A-Za-z0-9._-]", "_", args.bundle.resolve().name)
+    names = ("host", "http_port", "grpc_port", "metrics_port", "log_file")  # serve's; triton-repo has none
+    ports = {k: getattr(args, k) for k in names if hasattr(args, k)}
+    return ServeConfig(
+        model_name=name, max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+        dynamic_batching=args.dynamic_batching, instances=args.instances, **ports,
+    )  # fmt: skip
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
@@ -293,6 +335,31 @@ def _demo(args) -> int:
             table,
         )
     return 0 if all(r.same_as_hf for r in rows) else 1
+
+
+def _serve(args) -> int:
+    import el_export
+    from el_export.serve import serve
+
+    config = serve_config(args)
+    config.check()
+    generator = el_export.load(args.bundle, backend=args.backend)
+    print(
+        f"serving {args.bundle} as model {config.model_name!r} on http://{config.host}:{config.http_port} "
+        f"and grpc {config.host}:{config.grpc_port} (Ctrl-C or SIGTERM stops)",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve(generator, config)
+    return 0
+
+
+def _triton_repo(args) -> int:
+    from el_export.triton_repo import write_repository
+
+    model_dir = write_repository(args.bundle, args.out, serve_config(args), backend=args.backend)
+    print(f"wrote {model_dir} (config.pbtxt, 1/model.py, 1/bundle)")
+    return 0
 
 
 def _import_ct2(args) -> int:

@@ -1,0 +1,464 @@
+"""Serving: batching into one search per parameter group, answers equal to offline `generate`, a PyTriton
+server under concurrent clients, a crash and a restart, and the Triton repository in the shipped server.
+
+Servers bind to 127.0.0.1 only; every client loop is bounded in count and time; every server is stopped
+by a finalizer (its whole process group, SIGKILL as a last resort).
+"""
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import el_export
+from el_export.cli import main
+from el_export.errors import BackendError, InputError, InvalidArgumentError
+from el_export.serve import BatchRunner, check_python_stub, stub_problem
+from el_export.triton_repo import stop_process_group, wait_until_ready
+
+HOST = "127.0.0.1"
+REQUEST_TIMEOUT = 30.0  # seconds, any one request
+PARAMETER_SETS = (
+    {"num_beams": 2, "max_new_tokens": 8},
+    {"max_new_tokens": 6},
+    {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 7, "length_penalty": 0.5},
+)
+TEXTS = ("The quick brown fox.", "Beam search keeps several hypotheses.", "Short.", "Memory efficient attention.")
+
+
+class Counting:
+    """A generator whose `generate` calls are counted."""
+
+    def __init__(self, generator):
+        self.inner, self.calls = generator, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, **kwargs):
+        self.calls += 1
+        return self.inner.generate(**kwargs)
+
+
+def _text_request(*texts: str) -> dict:
+    return {"text": np.array([[t.encode()] for t in texts], dtype=np.object_)}
+
+
+def _offline(generator, text: str, parameters: dict):
+    """What `generate` returns for this text alone."""
+    input_ids, mask = generator.tokenizer.encode([text])
+    return generator.generate(input_ids=input_ids, attention_mask=mask, **parameters)
+
+
+def _assert_answer_equals(answer: dict, reference, row: int = 0) -> None:
+    assert torch.equal(torch.tensor(answer["sequences"][row]), reference.sequences)
+    if reference.sequences_scores is None:
+        assert np.isnan(answer["scores"][row]).all()
+    else:
+        np.testing.assert_allclose(answer["scores"][row], reference.sequences_scores.numpy(), atol=1e-5)
+
+
+# --- BatchRunner: no Triton needed -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_generator(cli_bundle):
+    return el_export.load(cli_bundle)
+
+
+def test_requests_with_the_same_parameters_share_one_search(text_generator):
+    generator = Counting(text_generator)
+    parameters = PARAMETER_SETS[2]
+    answers = BatchRunner(generator)([(_text_request(text), parameters) for text in TEXTS])
+    assert generator.calls == 1
+    for text, answer in zip(TEXTS, answers, strict=True):
+        assert answer["sequences"].shape[:2] == (1, 2) and answer["text"].shape == (1, 2)
+        _assert_answer_equals(answer, _offline(text_generator, text, parameters))
+        assert [t.decode() for t in answer["text"][0]] == text_generator.generate_text([text], **parameters)
+
+
+def test_different_parameters_form_one_search_each(text_generator):
+    generator = Counting(text_generator)
+    requests = [(_text_request(text), PARAMETER_SETS[i % 3]) for i, text in enumerate(TEXTS * 2)]
+    answers = BatchRunner(generator)(requests)
+    assert generator.calls == 3
+    for (data, parameters), answer in zip(requests, answers, strict=True):
+        _assert_answer_equals(answer, _offline(text_generator, data["text"][0, 0].decode(), parameters))
+
+
+def test_a_request_may_carry_several_inputs_and_token_ids(text_generator):
+    ids, mask = text_generator.tokenizer.encode(list(TEXTS[:2]))
+    answers = BatchRunner(text_generator)([
+        (_text_request(*TEXTS[:2]), {"num_beams": 2, "max_new_tokens": 8}),
+        ({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, {"num_beams": 2, "max_new_tokens": 8}),
+    ])  # fmt: skip
+    assert answers[0]["sequences"].shape[0] == 2
+    np.testing.assert_array_equal(answers[0]["sequences"], answers[1]["sequences"])
+    reference = text_generator.generate(input_ids=ids, attention_mask=mask, num_beams=2, max_new_tokens=8)
+    assert torch.equal(torch.tensor(answers[0]["sequences"][:, 0]), reference.sequences)
+
+
+def test_a_bad_request_does_not_fail_its_neighbours(text_generator):
+    generator = Counting(text_generator)
+    good = (_text_request(TEXTS[0]), {"max_new_tokens": 5})
+    answers = BatchRunner(generator)([
+        good,
+        (_text_request(TEXTS[1]), {"num_beams": "two"}),
+        (_text_request(TEXTS[1]), {"temperature_x": 1.0}),
+        ({"input_ids": np.array([[5, 6, 10**6]])}, {"max_new_tokens": 5}),  # found only by the search
+        ({"text": _text_request("x")["text"], "input_ids": np.array([[5]])}, {}),
+        good,
+    ])  # fmt: skip
+    assert isinstance(answers[1], InvalidArgumentError) and "num_beams must be int" in str(answers[1])
+    assert isinstance(answers[2], InvalidArgumentError) and "unknown parameter temperature_x" in str(answers[2])
+    assert isinstance(answers[3], InputError) and "outside the vocabulary" in str(answers[3])
+    assert isinstance(answers[4], InvalidArgumentError) and "exactly one of" in str(answers[4])
+    for answer in (answers[0], answers[5]):
+        _assert_answer_equals(answer, _offline(text_generator, TEXTS[0], {"max_new_tokens": 5}))
+
+
+def test_seeded_sampling_runs_alone_so_it_repeats(text_generator):
+    generator = Counting(text_generator)
+    parameters = {"do_sample": True, "seed": 7, "max_new_tokens": 6, "top_k": 20}
+    answers = BatchRunner(generator)([(_text_request(text), parameters) for text in TEXTS[:3]])
+    assert generator.calls == 3
+    for text, answer in zip(TEXTS, answers, strict=False):
+        _assert_answer_equals(answer, _offline(text_generator, text, parameters))
+
+
+def test_decoder_only_prompts_of_different_lengths_share_a_search(bundles):
+    generator = Counting(el_export.load(bundles("gpt2", "el")))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    for parameters in ({"max_new_tokens": 6}, {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 5}):
+        generator.calls = 0
+        answers = BatchRunner(generator)([({"input_ids": np.array([p])}, parameters) for p in prompts])
+        assert generator.calls == 1
+        for prompt, answer in zip(prompts, answers, strict=True):
+            _assert_answer_equals(answer, generator.inner.generate(input_ids=[prompt], **parameters))
+
+
+@pytest.fixture(scope="module")
+def whisper_bundle(tmp_path_factory):
+    """A tiny Whisper whose encoder takes 30 s of audio (3000 frames), so audio goes in whole."""
+    from el_export.export import export_model
+    from el_export.tiny import tiny_model
+
+    out = tmp_path_factory.mktemp("whisper") / "bundle"
+    export_model(tiny_model("whisper", seed=0, max_source_positions=1500), out, mode="el", progress=False)
+    return out
+
+
+def test_speech_takes_audio_files_and_samples(whisper_bundle):
+    import soundfile
+
+    generator = Counting(el_export.load(whisper_bundle))
+    rate = generator.manifest.audio["sampling_rate"]
+    waves = [np.sin(np.arange(n) / (5 + i)).astype(np.float32) * 0.1 for i, n in enumerate((4000, 9000))]
+    wav = io.BytesIO()
+    soundfile.write(wav, np.concatenate([waves[0], np.zeros(50, np.float32)]), rate, format="WAV", subtype="FLOAT")
+    parameters = {"num_beams": 2, "max_new_tokens": 6}
+    answers = BatchRunner(generator)([
+        ({"audio": np.array([[wav.getvalue()]], dtype=np.object_)}, parameters),
+        ({"samples": waves[1][None]}, parameters),
+    ])  # fmt: skip
+    assert generator.calls == 1
+    padded = np.concatenate([waves[0], np.zeros(50, np.float32)])  # the file ends in silence: kept whole
+    for wave, answer in zip((padded, waves[1]), answers, strict=True):
+        _assert_answer_equals(answer, generator.inner.generate(audio=[wave], **parameters))
+    bad = BatchRunner(generator)([({"audio": np.array([[b"not audio"]], dtype=np.object_)}, {})])
+    assert isinstance(bad[0], InputError) and "cannot read audio" in str(bad[0])
+
+
+def test_the_stub_mismatch_is_one_clear_line():
+    problem = stub_problem(("3.11.2", "/lib/x86_64-linux-gnu/libpython3.11.so.1.0"), "3.11.7", "/opt/py/bin/python")
+    assert problem is not None and "\n" not in problem
+    assert "runs Python 3.11.7" in problem and "loads Python 3.11.2 from /lib/x86_64-linux-gnu/" in problem
+    if Path("/usr/bin/python3.11").exists():
+        assert problem.endswith("/usr/bin/python3.11 -m venv .venv")
+    assert stub_problem(("3.11.2", "/lib/libpython3.11.so.1.0"), "3.11.2", "/usr/bin/python3.11") is None
+    assert "apt-get install libpython3.11" in stub_problem(None, "3.11.7", "/opt/py/bin/python")
+
+
+def test_serving_modules_import_without_pytriton_or_tritonclient():
+    code = textwrap.dedent(
+        """
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("pytriton", "tritonclient"):
+                    raise ImportError(f"blocked in this test: {name}", name=name)
+        sys.meta_path.insert(0, Block())
+        import el_export.serve, el_export.triton_repo
+        try:
+            el_export.serve.start(None)
+        except el_export.BackendError as e:
+            print(e)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "serving needs PyTriton" in result.stdout and "pip install 'el-export[serve]'" in result.stdout
+
+
+def test_triton_repo_writes_a_python_backend_repository(cli_bundle, tmp_path, capsys):
+    out = tmp_path / "repo"
+    argv = ["triton-repo", str(cli_bundle), "--out", str(out), "--model-name", "tiny", "--max-batch-size", "4"]
+    assert main(argv) == 0
+    config = (out / "tiny" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config and "max_batch_size: 4" in config
+    assert "dynamic_batching { max_queue_delay_microseconds: 5000 }" in config
+    assert re.search(r'name: "input_ids" data_type: TYPE_INT64 dims: \[-1\] optional: true allow_ragged_batch', config)
+    assert (out / "tiny" / "1" / "bundle" / "manifest.json").is_file()
+    assert "TritonPythonModel" in (out / "tiny" / "1" / "model.py").read_text()
+    assert main(argv) == 2  # never writes over a repository
+    assert "already exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["serve", "triton-repo"])
+def test_help_lists_the_batching_options(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(option in out for option in ("--max-batch-size", "--max-queue-delay-us", "--instances", "--backend"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--port", "70000"], "http port 70000 is not a port number"),
+        (["--grpc-port", "8000"], "ports must differ"),
+        (["--max-batch-size", "0"], "at least 1"),
+        (["--model-name", "a/b"], "use letters, digits"),
+    ],
+)
+def test_serve_refuses_bad_settings_in_one_line(cli_bundle, capsys, argv, message):
+    assert main(["serve", str(cli_bundle), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+# --- Triton: servers on 127.0.0.1 ------------------------------------------------------------------------
+
+
+def _triton_or_skip() -> None:
+    pytest.importorskip("pytriton", reason="PyTriton is not installed (pip install 'el-export[serve]')")
+    pytest.importorskip("tritonclient.http", reason="tritonclient is not installed")
+    try:
+        check_python_stub()
+    except BackendError as e:
+        pytest.skip(f"Triton's Python backend cannot run here: {e}")
+
+
+def _free_ports(n: int) -> list[int]:
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+def _ports_free(ports: list[int]) -> bool:
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                return False
+    return True
+
+
+class ServeProcess:
+    """`el-export serve` in its own process group, with its logs under `root`."""
+
+    def __init__(self, bundle: Path, root: Path, ports: list[int], *extra: str):
+        self.ports, self.url, self.log = ports, f"{HOST}:{ports[0]}", root / "serve.log"
+        argv = [sys.executable, "-m", "el_export.cli", "serve", str(bundle), "--model-name", "tiny",
+                "--port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+                "--log-file", str(root / "triton.log"), *extra]  # fmt: skip
+        self.home = tempfile.mkdtemp(prefix="elx-")  # PyTriton's sockets live there: short paths only
+        env = {**os.environ, "PYTRITON_HOME": self.home}
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until_ready(self.process, f"http://{self.url}/v2/models/tiny/ready", 120, self.log)
+        except BackendError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        stop_process_group(self.process)
+        shutil.rmtree(self.home, ignore_errors=True)
+        for region in Path("/dev/shm").glob(f"pytrtion{self.process.pid}-*"):  # what a SIGKILL leaves behind
+            region.unlink(missing_ok=True)
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"http://{HOST}:{self.ports[2]}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+@pytest.fixture(scope="module")
+def server(cli_bundle, tmp_path_factory):
+    _triton_or_skip()
+    process = ServeProcess(cli_bundle, tmp_path_factory.mktemp("serve"), _free_ports(3), "--max-queue-delay-us",
+                           "50000")  # fmt: skip
+    yield process
+    process.stop()
+
+
+def _infer(client, text: str, parameters: dict) -> dict:
+    import tritonclient.http as http
+
+    tensor = http.InferInput("text", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(_text_request(text)["text"])
+    result = client.infer("tiny", [tensor], parameters=parameters, timeout=int(REQUEST_TIMEOUT * 1e6))
+    return {name: result.as_numpy(name) for name in ("text", "sequences", "scores")}
+
+
+def _client(url: str):
+    import tritonclient.http as http
+
+    return http.InferenceServerClient(url, connection_timeout=REQUEST_TIMEOUT, network_timeout=REQUEST_TIMEOUT)
+
+
+def test_concurrent_clients_get_what_offline_generate_returns(server, text_generator):
+    """4 client threads x 6 requests with three parameter sets; every answer equals `generate` alone."""
+    jobs = [(TEXTS[(t + i) % 4], PARAMETER_SETS[(t * 6 + i) % 3]) for t in range(4) for i in range(6)]
+    answers, errors = {}, []
+
+    def client_thread(t: int) -> None:
+        client = _client(server.url)
+        try:
+            for i in range(6):
+                answers[t * 6 + i] = _infer(client, *jobs[t * 6 + i])
+        except Exception as e:  # reported below
+            errors.append(e)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=client_thread, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and len(answers) == len(jobs), errors
+    for k, (text, parameters) in enumerate(jobs):
+        _assert_answer_equals(answers[k], _offline(text_generator, text, parameters))
+        assert [t.decode() for t in answers[k]["text"][0]] == text_generator.generate_text([text], **parameters)
+
+
+def test_requests_arriving_together_are_batched(server, text_generator):
+    """8 requests released at once run in fewer model executions than requests (50 ms queue delay)."""
+    before = server.metric("nv_inference_exec_count"), server.metric("nv_inference_count")
+    barrier, answers = threading.Barrier(8, timeout=30), {}
+
+    def send(i: int) -> None:
+        client = _client(server.url)
+        barrier.wait()
+        answers[i] = _infer(client, TEXTS[i % 4], PARAMETER_SETS[0])
+        client.close()
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    executions = server.metric("nv_inference_exec_count") - before[0]
+    assert server.metric("nv_inference_count") - before[1] == 8 and len(answers) == 8
+    assert executions < 8, "no two requests were batched"
+    for i, answer in answers.items():
+        _assert_answer_equals(answer, _offline(text_generator, TEXTS[i % 4], PARAMETER_SETS[0]))
+
+
+def test_a_bad_request_gets_a_clear_error_from_the_server(server):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="parameter num_beams must be int"):
+        _infer(_client(server.url), TEXTS[0], {"num_beams": "two"})
+
+
+def test_killing_the_server_mid_load_fails_clients_clearly_and_a_restart_serves(cli_bundle, text_generator, tmp_path):
+    """Clients loop (at most 200 requests, 60 s) until the server process is SIGKILLed under them."""
+    _triton_or_skip()
+    ports = _free_ports(3)
+    first = ServeProcess(cli_bundle, tmp_path, ports)
+    served, failures, stop_at = [], [], time.monotonic() + 60
+
+    def client_thread() -> None:
+        client = _client(first.url)
+        try:
+            while len(served) < 200 and time.monotonic() < stop_at:
+                served.append(_infer(client, TEXTS[0], PARAMETER_SETS[0]))
+        except Exception as e:  # what the client library raises: checked below
+            failures.append(e)
+
+    threads = [threading.Thread(target=client_thread) for _ in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        while len(served) < 6 and time.monotonic() < stop_at:
+            time.sleep(0.05)
+        assert len(served) >= 6, f"the server answered only {len(served)} requests: {first.log.read_text()}"
+        os.kill(first.process.pid, signal.SIGKILL)  # a crash: Triton follows its parent (PDEATHSIG)
+        for thread in threads:
+            thread.join(timeout=REQUEST_TIMEOUT + 10)
+        assert not any(thread.is_alive() for thread in threads), "a client hung on the dead server"
+    finally:
+        first.stop()
+    assert len(failures) == 3, failures  # every client stopped on an error, none on the request bound
+    for failure in failures:
+        assert re.search(r"connect|refused|reset|closed|unavailable|broken|eof|abort", str(failure), re.I), failure
+    deadline = time.monotonic() + 60
+    while not _ports_free(ports) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second = ServeProcess(cli_bundle, tmp_path, ports)
+    try:
+        answer = _infer(_client(second.url), TEXTS[1], PARAMETER_SETS[0])
+        _assert_answer_equals(answer, _offline(text_generator, TEXTS[1], PARAMETER_SETS[0]))
+    finally:
+        second.stop()
+
+
+def test_the_triton_repository_loads_in_the_shipped_triton_server(cli_bundle, text_generator, tmp_path):
+    _triton_or_skip()
+    import tritonclient.grpc as grpc
+    from tritonclient.utils import InferenceServerException
+
+    from el_export.triton_repo import shipped_server
+
+    assert main(["triton-repo", str(cli_bundle), "--out", str(tmp_path / "repo"), "--model-name", "tiny"]) == 0
+    http_port, grpc_port = _free_ports(2)
+    with shipped_server(tmp_path / "repo", HOST, http_port, grpc_port, log=tmp_path / "triton.log", ready_timeout=120):
+        http_client = _client(f"{HOST}:{http_port}")
+        grpc_client = grpc.InferenceServerClient(f"{HOST}:{grpc_port}")
+        assert http_client.is_server_live() and http_client.is_server_ready() and http_client.is_model_ready("tiny")
+        assert grpc_client.is_server_live() and grpc_client.is_server_ready() and grpc_client.is_model_ready("tiny")
+        answer = _infer(http_client, TEXTS[2], PARAMETER_SETS[2])
+        _assert_answer_equals(answer, _offline(text_generator, TEXTS[2], PARAMETER_SETS[2]))
+        ids = grpc.InferInput("input_ids", [1, 3], "INT64")
+        ids.set_data_from_numpy(np.array([[5, 6, 2]], dtype=np.int64))
+        result = grpc_client.infer("tiny", [ids], parameters={"max_new_tokens": 5}, client_timeout=REQUEST_TIMEOUT)
+        reference = text_generator.generate(input_ids=[[5, 6, 2]], max_new_tokens=5)
+        assert torch.equal(torch.tensor(result.as_numpy("sequences")[0]), reference.sequences)
+        with pytest.raises(InferenceServerException, match="unknown parameter bogus"):  # that request alone
+            grpc_client.infer("tiny", [ids], parameters={"bogus": 1}, client_timeout=REQUEST_TIMEOUT)
+        http_client.close()
+        grpc_client.close()
+    assert _ports_free([http_port, grpc_port])  # stopped, and nothing is left listening
