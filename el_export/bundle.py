@@ -52,6 +52,7 @@ class Manifest:
     exporter: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     fp32_modules: dict = field(default_factory=dict)  # {"modules": [...], "reason": ...} in fp16 bundles
+    quantization: str = ""  # "int8": ONNX Runtime dynamic int8 weights in the float32 graphs
     audio: dict = field(default_factory=dict)  # speech models: feature settings and the mel filter file
     engines: dict = field(default_factory=dict)  # TensorRT engines, once built (el_export.trt.build)
 
@@ -79,6 +80,7 @@ class Manifest:
             "exporter": self.exporter,
             "source": self.source,
             "fp32_modules": self.fp32_modules,
+            "quantization": self.quantization,
             "audio": self.audio,
             "engines": self.engines,
         }
@@ -133,6 +135,9 @@ class Manifest:
                 raise BundleError(
                     f"manifest field 'audio' needs positive integer {', '.join(fields)} and a listed mel_filters file"
                 )
+        quantization = data.get("quantization") or ""
+        if quantization not in ("", "int8"):
+            raise BundleError(f"manifest field 'quantization' is {quantization!r}; expected int8 or nothing")
         engines = data.get("engines") or {}
         if engines:
             _check_engines(engines, graphs, files)
@@ -150,6 +155,7 @@ class Manifest:
             exporter=data.get("exporter", {}),
             source=data.get("source", {}),
             fp32_modules=data.get("fp32_modules", {}),
+            quantization=quantization,
             audio=audio,
             engines=engines,
         )

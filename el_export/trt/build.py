@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from el_export.bundle import MANIFEST, Manifest, file_entries, read_manifest, write_manifest, writing_bundle
-from el_export.errors import BackendError
+from el_export.errors import BackendError, InvalidArgumentError
 from el_export.trt.precision import PRECISIONS, PrecisionPlan, fp32_tensors, hold_fp32, plan_precision
 from el_export.trt.profiles import Limits, axis_ranges, graph_profiles
 
@@ -56,6 +56,11 @@ def build_engines(
 
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
+    if manifest.quantization:
+        raise InvalidArgumentError(
+            f"{bundle_dir} holds ONNX Runtime {manifest.quantization} graphs, which TensorRT's parser does not take; "
+            "build from a float32 or float16 export"
+        )
     limits = limits or Limits()
     profiles = graph_profiles(manifest, limits)
     trt = import_tensorrt()
