@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="graph precision; float16 keeps the modules a family knows to overflow in float32",
     )
+    p.add_argument("--quantize", choices=("int8",), help="int8 weights (ONNX Runtime dynamic quantization; CPU)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -188,6 +189,7 @@ def _export(args) -> int:
     manifest = export_model(
         hf_model, out, mode=args.mode, dtype=args.dtype, opset=args.opset, tokenizer=tokenizer,
         feature_extractor=load_feature_extractor(args.model), overwrite=args.overwrite, source=args.model,
+        quantize=args.quantize,
     )  # fmt: skip
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2))
