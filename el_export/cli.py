@@ -6,6 +6,7 @@ and only here. Anything else is a bug and keeps its traceback.
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -121,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serving_arguments(p)
     p.add_argument("--backend", default="onnxruntime", help="el-export backend the model runs on")
     p.set_defaults(run=_triton_repo)
+
+    p = sub.add_parser("bench", help="time and memory of el, kv, HF generate and CTranslate2 on the same workloads")
+    p.add_argument("--workloads", default="W1,W3,W4,W2", help="comma-separated: W1 (BART), W2 (batch growth), "
+                   "W3 (Whisper tiny.en), W4 (GPT-2)")  # fmt: skip
+    p.add_argument("--work", type=Path, default=DEFAULT_OUT / "bench", help="checkpoints and bundles (reused)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT / "bench" / "report", help="bench.json and bench.png")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads per engine (default: all cores)")
+    p.add_argument("--time-cap", type=float, default=900, help="seconds one engine run may take")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_bench)
 
     p = sub.add_parser("import-ct2", help="import a CTranslate2 (faster-whisper) Whisper model as an HF checkpoint")
     p.add_argument("ct2_dir", type=Path, help="directory with model.bin, config.json, tokenizer.json")
@@ -361,6 +372,43 @@ def _triton_repo(args) -> int:
 
     model_dir = write_repository(args.bundle, args.out, serve_config(args), backend=args.backend)
     print(f"wrote {model_dir} (config.pbtxt, 1/model.py, 1/bundle)")
+    return 0
+
+
+def _bench(args) -> int:
+    from el_export.bench import WORKLOADS, run_bench
+
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in workloads if w not in WORKLOADS and w != "W2"]
+    if unknown or not workloads:
+        raise InvalidArgumentError(f"unknown workload {unknown[0] if unknown else ''!r}; choose from W1, W2, W3, W4")
+    if args.threads < 1:
+        raise InvalidArgumentError("--threads must be at least 1")
+    report = run_bench(args.work, args.out, threads=args.threads, time_cap=args.time_cap, workloads=workloads,
+                       progress=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+    if args.json:
+        print(json.dumps(report["summary"], indent=2))
+        return 0
+    rows = []
+    for key, s in report["summary"].items():
+        if not isinstance(s, dict) or "total_s" not in s:
+            continue
+        ratio = lambda x: f"{x:.2f}x" if x else "-"  # noqa: E731
+        rows.append((key, f"{s['total_s']:.2f}", f"{s['tokens_per_s']:.1f}", ratio(s["speedup_vs_hf"]),
+                     ratio(s["speedup_vs_ct2_float32"]), f"{s['peak_gib']:.2f}",
+                     f"{s['step_vs_limit']:.2f}x" if "step_vs_limit" in s else "-"))  # fmt: skip
+    _print_table(
+        f"bench ({args.threads} threads; report in {args.out})",
+        ("workload/engine", "total s", "tokens/s", "vs HF", "vs CT2 fp32", "peak GiB", "step/limit"),
+        rows,
+    )
+    for engine, w2 in report.get("w2", {}).items():
+        print(f"W2 {engine}: largest batch within 4 GiB = {w2['largest_batch']} ({w2['stopped_by']})")
+    for key, value in report["summary"].items():
+        if key.startswith("W3/") and "identical_transcripts" in value:
+            print(f"{key}: {value['identical_transcripts']}/{value['clips']} identical transcripts")
+    for engine, reason in report["skipped"].items():
+        print(f"skipped {engine}: {reason}")
     return 0
 
 
