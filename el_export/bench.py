@@ -256,7 +256,7 @@ class _Ours:
         import el_export
 
         self.generator = el_export.load(paths[engine], threads=threads)
-        self.generator.memory_limit = None
+        self.generator.encoder_batch_size = 8  # the runtime's own knob: encoder activations stay one chunk's
         self.speech = spec.model == "whisper"
         self.cache_bytes, self._decoders = None, []
         make = self.generator.backend.make_decoder
