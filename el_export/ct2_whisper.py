@@ -104,12 +104,7 @@ def import_whisper(ct2_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         decoder_ffn_dim=v["decoder/layer_0/ffn/linear_0/weight"].shape[0],
         max_source_positions=v["encoder/position_encodings/encodings"].shape[0],
         max_target_positions=v["decoder/position_encodings/encodings"].shape[0],
-        bos_token_id=special["<|endoftext|>"],
-        eos_token_id=special["<|endoftext|>"],
-        pad_token_id=special["<|endoftext|>"],
-        decoder_start_token_id=special["<|startoftranscript|>"],
-        suppress_tokens=ct2_config.get("suppress_ids"),
-        begin_suppress_tokens=ct2_config.get("suppress_ids_begin"),
+        **_tokens(ct2_config, special),
     )
     state = _hf_state(v, config)
     model = WhisperForConditionalGeneration(config).eval()
@@ -176,17 +171,24 @@ def _norm(state, v, src, dst):
     state[f"{dst}.weight"], state[f"{dst}.bias"] = v[f"{src}/gamma"], v[f"{src}/beta"]
 
 
-def _generation_config(GenerationConfig, config, ct2_config: dict, special: dict):
-    """The generation config openai's checkpoints ship, from CTranslate2's config and the tokenizer."""
-    multilingual = config.vocab_size >= 51865
-    settings = dict(
-        max_length=config.max_target_positions,
+def _tokens(ct2_config: dict, special: dict) -> dict:
+    """Special and suppressed tokens, shared by the model config and the generation config."""
+    return dict(
         bos_token_id=special["<|endoftext|>"],
         eos_token_id=special["<|endoftext|>"],
         pad_token_id=special["<|endoftext|>"],
         decoder_start_token_id=special["<|startoftranscript|>"],
         suppress_tokens=ct2_config.get("suppress_ids"),
         begin_suppress_tokens=ct2_config.get("suppress_ids_begin"),
+    )
+
+
+def _generation_config(GenerationConfig, config, ct2_config: dict, special: dict):
+    """The generation config openai's checkpoints ship, from CTranslate2's config and the tokenizer."""
+    multilingual = config.vocab_size >= 51865
+    settings = dict(
+        max_length=config.max_target_positions,
+        **_tokens(ct2_config, special),
         alignment_heads=ct2_config.get("alignment_heads"),
         no_timestamps_token_id=special["<|notimestamps|>"],
         prev_sot_token_id=special["<|startofprev|>"],
@@ -198,4 +200,5 @@ def _generation_config(GenerationConfig, config, ct2_config: dict, special: dict
         lang_ids = set(ct2_config.get("lang_ids", []))
         settings["lang_to_id"] = {tok: i for tok, i in special.items() if i in lang_ids}
         settings["task_to_id"] = {"transcribe": special["<|transcribe|>"], "translate": special["<|translate|>"]}
+        settings["forced_decoder_ids"] = [[1, None], [2, special["<|transcribe|>"]]]  # as openai's checkpoints
     return GenerationConfig(**settings)
