@@ -201,6 +201,17 @@ def _rss() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss() -> int:
+    """This process's own peak RSS. Not getrusage's ru_maxrss: Linux carries that over fork and exec, so a
+    worker started by a parent that once held more would report the parent's peak."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker(engine: str, spec: Spec, batch: int, paths: dict, threads: int) -> Run:
     """Load one engine, run the workload once after a small warm-up, measure."""
     torch.set_num_threads(threads)
@@ -219,7 +230,7 @@ def worker(engine: str, spec: Spec, batch: int, paths: dict, threads: int) -> Ru
     start = time.perf_counter()
     sequences = runner.generate(inputs, mask, kwargs)
     run.total_s = time.perf_counter() - start
-    run.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    run.peak_rss = _peak_rss()
     prompt = spec.source_len if spec.model == "gpt2" else (1 if spec.model == "bart" else 2)
     run.outputs = [_until_eos(row[prompt:], EOS[spec.model]) for row in sequences]
     run.generated_tokens = batch * spec.new_tokens if spec.new_tokens else sum(len(row) for row in run.outputs)
