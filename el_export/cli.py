@@ -352,18 +352,18 @@ def _demo(args) -> int:
 
 def _serve(args) -> int:
     import el_export
-    from el_export.serve import serve
+    from el_export.serve import start, wait
 
     config = serve_config(args)
     config.check()
-    generator = el_export.load(args.bundle, backend=args.backend)
+    triton = start(el_export.load(args.bundle, backend=args.backend), config)
     print(
         f"serving {args.bundle} as model {config.model_name!r} on http://{config.host}:{config.http_port} "
         f"and grpc {config.host}:{config.grpc_port} (Ctrl-C or SIGTERM stops)",
         file=sys.stderr,
         flush=True,
     )
-    serve(generator, config)
+    wait(triton)
     return 0
 
 

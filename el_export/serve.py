@@ -13,8 +13,10 @@ parameters (HF names: num_beams, max_new_tokens, ...).
 """
 
 import math
+import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -347,13 +349,16 @@ def start(generator, config: ServeConfig | None = None):
 
 
 def serve(generator, config: ServeConfig | None = None) -> None:
-    """Serve `generator` until SIGINT or SIGTERM.
+    """Serve `generator` until SIGINT or SIGTERM: `start`, then `wait`. Raises as they do."""
+    wait(start(generator, config))
+
+
+def wait(triton) -> None:
+    """Block until SIGINT or SIGTERM, then stop the server `start` returned.
 
     Raises:
-        BackendError: as `start`, or Triton stopped without being asked to (its log says why).
-        InvalidArgumentError: an invalid configuration.
+        BackendError: Triton stopped without being asked to (its log says why).
     """
-    triton = start(generator, config)
     stopping = []
 
     def interrupt(signum, frame):
@@ -392,28 +397,47 @@ def _pytriton_infer(runner: BatchRunner):
 _LIBPYTHON_VERSION = textwrap.dedent(
     """
     import ctypes, sys
-    lib = ctypes.CDLL(sys.argv[1])
-    lib.Py_GetVersion.restype = ctypes.c_char_p
-    path = next((line.split()[-1] for line in open("/proc/self/maps") if sys.argv[1] in line), sys.argv[1])
-    print(lib.Py_GetVersion().decode().split()[0], path)
+    get_version = ctypes.CDLL(sys.argv[1]).Py_GetVersion  # a full path: that file, even where another is loaded
+    get_version.restype = ctypes.c_char_p
+    print(get_version().decode().split()[0])
     """
 )
 
 
-def stub_library() -> tuple[str, str] | None:
-    """(version, path) of the libpython that Triton's Python-backend stub for this Python loads; None if missing.
+def python_stub() -> tuple[Path, dict[str, str]]:
+    """PyTriton's Python-backend stub for this Python, and the environment Triton runs it in (as PyTriton
+    arranges it: the wheel's libraries on LD_LIBRARY_PATH, this environment's Python first on PATH)."""
+    import pytriton
 
-    The stub is linked against `libpython3.X.so.1.0`, found by the dynamic loader (not by this
-    interpreter): a fresh process loads that library by name, as the stub does, and reports its version.
-    """
-    soname = f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
-    result = subprocess.run(
-        [sys.executable, "-c", _LIBPYTHON_VERSION, soname], capture_output=True, text=True, timeout=60
+    dist = Path(pytriton.__file__).parent / "tritonserver"
+    stub = (
+        dist
+        / "python_backend_stubs"
+        / f"{sys.version_info.major}.{sys.version_info.minor}"
+        / "triton_python_backend_stub"
     )
-    if result.returncode != 0:
+    env = dict(os.environ)
+    libs = dist.parent.parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = ":".join(filter(None, [env.get("LD_LIBRARY_PATH"), str(libs)]))
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return stub, env
+
+
+def stub_library(stub: Path, env: dict[str, str]) -> tuple[str, str] | None:
+    """(version, path) of the libpython that `stub` loads, as the dynamic loader resolves it; None if none is found.
+
+    The loader finds the stub's `libpython3.X.so.1.0` by its own rules (this interpreter's library may
+    be another file: a pyenv build carries its own), so `ldd` names the file, and a fresh process loads
+    that file by its path to read its version.
+    """
+    linked = subprocess.run(["ldd", str(stub)], capture_output=True, text=True, env=env, timeout=60).stdout
+    match = re.search(r"libpython\S*\s+=>\s+(/\S+)", linked)
+    if match is None:
         return None
-    version, path = result.stdout.split()
-    return version, path
+    path = match.group(1)
+    result = subprocess.run([sys.executable, "-c", _LIBPYTHON_VERSION, path], capture_output=True, text=True,
+                            timeout=60, check=True)  # fmt: skip
+    return result.stdout.strip(), path
 
 
 def stub_problem(library: tuple[str, str] | None, running: str, executable: str) -> str | None:
@@ -438,7 +462,15 @@ def stub_problem(library: tuple[str, str] | None, running: str, executable: str)
 
 
 def check_python_stub() -> None:
-    """Raises BackendError when Triton's Python-backend stub cannot run models in this environment."""
-    problem = stub_problem(stub_library(), platform.python_version(), sys.executable)
+    """Raises BackendError when Triton's Python-backend stub (from PyTriton) cannot run models here.
+
+    Without `ldd` nothing can be checked, and Triton reports a mismatch itself when the model loads.
+    """
+    stub, env = python_stub()
+    if not stub.is_file():
+        raise BackendError(f"PyTriton ships no Python-backend stub for Python {platform.python_version()}")
+    if shutil.which("ldd") is None:
+        return
+    problem = stub_problem(stub_library(stub, env), platform.python_version(), sys.executable)
     if problem is not None:
         raise BackendError(problem)

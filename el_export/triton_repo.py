@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -24,7 +23,15 @@ from pathlib import Path
 
 from el_export.bundle import read_manifest
 from el_export.errors import BackendError, ElExportError, InvalidArgumentError
-from el_export.serve import OUTPUTS, BatchRunner, ServeConfig, TensorSpec, check_python_stub, model_inputs
+from el_export.serve import (
+    OUTPUTS,
+    BatchRunner,
+    ServeConfig,
+    TensorSpec,
+    check_python_stub,
+    model_inputs,
+    python_stub,
+)
 
 _TRITON_TYPES = {"bytes": "TYPE_STRING", "int64": "TYPE_INT64", "float32": "TYPE_FP32"}
 
@@ -139,16 +146,11 @@ def shipped_server(repository: str | os.PathLike, host: str = "127.0.0.1", http_
     except ImportError:
         raise BackendError("the shipped Triton server comes with PyTriton: pip install 'el-export[serve]'") from None
     check_python_stub()
+    stub, env = python_stub()
     dist = Path(pytriton.__file__).parent / "tritonserver"
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
     with tempfile.TemporaryDirectory(prefix="el-export-triton-") as tmp:
         backends = Path(shutil.copytree(dist / "backends", Path(tmp) / "backends"))
-        stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
         shutil.copy(stub, backends / "python" / "triton_python_backend_stub")
-        env = dict(os.environ)
-        libs = dist.parent.parent / "nvidia_pytriton.libs"
-        env["LD_LIBRARY_PATH"] = ":".join(filter(None, [env.get("LD_LIBRARY_PATH"), str(libs)]))
-        env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the stub takes this environment's Python
         argv = [
             str(dist / "bin" / "tritonserver"), f"--model-repository={Path(repository).resolve()}",
             f"--backend-directory={backends}", f"--http-address={host}", f"--http-port={http_port}",

@@ -8,6 +8,7 @@ by a finalizer (its whole process group, SIGKILL as a last resort).
 import contextlib
 import io
 import os
+import platform
 import re
 import shutil
 import signal
@@ -28,7 +29,7 @@ import torch
 import el_export
 from el_export.cli import main
 from el_export.errors import BackendError, InputError, InvalidArgumentError
-from el_export.serve import BatchRunner, check_python_stub, stub_problem
+from el_export.serve import BatchRunner, check_python_stub, stub_library, stub_problem
 from el_export.triton_repo import stop_process_group, wait_until_ready
 
 HOST = "127.0.0.1"
@@ -192,6 +193,13 @@ def test_the_stub_mismatch_is_one_clear_line():
         assert problem.endswith("/usr/bin/python3.11 -m venv .venv")
     assert stub_problem(("3.11.2", "/lib/libpython3.11.so.1.0"), "3.11.2", "/usr/bin/python3.11") is None
     assert "apt-get install libpython3.11" in stub_problem(None, "3.11.7", "/opt/py/bin/python")
+
+
+@pytest.mark.skipif(shutil.which("ldd") is None, reason="needs ldd")
+def test_the_libpython_a_binary_loads_is_found_with_its_version():
+    """This interpreter's own binary: linked to its libpython (a shared build) or to none (a static one)."""
+    found = stub_library(Path(sys.executable).resolve(), dict(os.environ))
+    assert found is None or (found[0] == platform.python_version() and Path(found[1]).is_file()), found
 
 
 def test_serving_modules_import_without_pytriton_or_tritonclient():
