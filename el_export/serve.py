@@ -95,7 +95,6 @@ class BatchRunner:
         defaults = {**manifest.special_tokens, **manifest.generation_defaults}
         eos = defaults.get("eos_token_id")
         self.eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else eos, dtype=torch.int64)
-        self.searches = 0  # generate calls made: how many groups the batches became
 
     def __call__(self, requests: list[tuple[dict, dict | None]]) -> list[dict | ElExportError]:
         """Answer a batch of requests.
@@ -148,8 +147,10 @@ class BatchRunner:
         values = np.asarray(data[given[0]])
         if values.ndim != 2 or values.shape[0] == 0:
             raise InputError(f"input {given[0]} must be [batch, length], got shape {list(values.shape)}")
-        items = getattr(self, f"_{given[0]}_items")(values, data.get("attention_mask"), truncation)
-        key = (self.speech, tuple(sorted(kwargs.items())))
+        read = {"text": self._text_items, "input_ids": self._input_ids_items, "audio": self._audio_items,
+                "samples": self._samples_items}[given[0]]  # fmt: skip
+        items = read(values, data.get("attention_mask"), truncation)
+        key = tuple(sorted(kwargs.items()))
         if kwargs.get("do_sample") and "seed" in kwargs:  # a seeded draw depends on the batch: run it alone
             key += ("alone", index)
         if self.decoder_only and "max_new_tokens" not in kwargs:  # max_length counts the padded prompt
@@ -185,7 +186,6 @@ class BatchRunner:
         """One `generate` call over every input of `requests`; each request's rows cropped back out."""
         items = [item for request in requests for item in request.items]
         kwargs = requests[0].kwargs
-        self.searches += 1
         if self.speech:
             out = self.generator.generate(audio=items, **kwargs)
             prompt_width = 1  # the decoder prompt: only its first token (BART's start) may be an eos
