@@ -191,14 +191,26 @@ def _tail(log_path: Path, lines: int = 5) -> str:
     return " | ".join(line.strip() for line in text.splitlines()[-lines:])
 
 
-def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM to a server started in its own session (server and stubs), then SIGKILL to what is left."""
+def stop_process_group(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Stop a server started in its own session: SIGTERM to its process group (server and stubs), time to
+    exit and clean up (its leader may be gone already, its children not), then SIGKILL to what is left."""
     import signal
 
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
     with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=15)
-    with contextlib.suppress(ProcessLookupError):  # whatever is left of the group (stubs included)
+        process.wait(timeout=timeout)
+    while time.monotonic() < deadline and _group_alive(process.pid):
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=15)
+    process.wait(timeout=timeout)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

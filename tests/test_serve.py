@@ -313,8 +313,12 @@ class ServeProcess:
     def stop(self) -> None:
         stop_process_group(self.process)
         shutil.rmtree(self.home, ignore_errors=True)
-        for region in Path("/dev/shm").glob(f"pytrtion{self.process.pid}-*"):  # what a SIGKILL leaves behind
+        for region in Path("/dev/shm").glob(f"pytrtion{self.process.pid}-*"):  # what a SIGKILL leaves behind,
             region.unlink(missing_ok=True)
+        for folder in Path(tempfile.gettempdir()).glob("folder*"):  # and Triton's copy of the model, ours only
+            with contextlib.suppress(OSError):
+                if self.home in (folder / "config.pbtxt").read_text():
+                    shutil.rmtree(folder)
 
     def metric(self, name: str) -> float:
         with urllib.request.urlopen(f"http://{HOST}:{self.ports[2]}/metrics", timeout=10) as response:
