@@ -79,6 +79,7 @@ VALUES = ["0", "1", "2", "-3", "1e9", "nan", "never", "true", "x", "", "/dev/nul
 @given(st.sampled_from(["generate", "inspect"]), st.lists(st.sampled_from(OPTIONS + VALUES), max_size=6))
 def test_fuzzed_command_lines_end_in_a_clean_exit(bundles, capsys, command, tokens):
     """Any argument soup: argparse's usage error (exit 2) or el-export's one-line error, never a traceback."""
+    capsys.readouterr()  # hypothesis reuses the fixture across examples: start each with empty streams
     argv = [command, str(bundles("bart", "el")), *tokens]
     if command == "generate":
         argv.insert(2, "hello")

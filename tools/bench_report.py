@@ -1,0 +1,71 @@
+"""Reproduce the whole benchmark report: every workload, every engine, then the README's markdown tables.
+
+    tools/optimum_env.sh                      # once: Optimum ONNX needs its own environment (transformers < 4.58)
+    .venv/bin/python tools/bench_report.py    # about 40 minutes on 2 cores; graphs/bench/report/{bench.json,bench.png}
+
+With --from-json, only the tables are printed from an existing bench.json.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINES = ("el", "kv", "el-int8", "hf", "ct2-float32", "ct2-int8", "optimum")
+
+
+def tables(report: dict) -> str:
+    summary, lines = report["summary"], []
+    limits = report["limits"]
+    lines.append(f"Machine: {report['threads']} threads, fp32 GEMM {limits['gemm_flops'] / 1e9:.0f} GFLOP/s, "
+                 f"copy bandwidth {limits['bandwidth'] / 1e9:.1f} GB/s.\n")  # fmt: skip
+    lines.append("| workload | engine | total s | encoder s | tokens/s | vs HF | vs CT2 fp32 | peak RSS GiB |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for run in report["runs"]:
+        if not run["ok"]:
+            lines.append(f"| {run['workload']} | {run['engine']} | {run['reason']} | | | | | |")
+            continue
+        s = summary[f"{run['workload']}/{run['engine']}"]
+        fmt = lambda x: f"{x:.2f}x" if x else "-"  # noqa: E731
+        encoder = f"{run['encoder_s']:.2f}" if run["encoder_s"] is not None else "-"
+        lines.append(f"| {run['workload']} | {run['engine']} | {s['total_s']:.2f} | {encoder} | "
+                     f"{s['tokens_per_s']:.1f} | {fmt(s['speedup_vs_hf'])} | {fmt(s['speedup_vs_ct2_float32'])} | "
+                     f"{s['peak_gib']:.2f} |")  # fmt: skip
+    for engine, reason in report.get("skipped", {}).items():
+        lines.append(f"| all | {engine} | skipped: {reason} | | | | | |")
+    lines.append("\n| W2: largest batch within 4 GiB | batch | tokens/s there | stopped by |")
+    lines.append("|---|---|---|---|")
+    for engine, w2 in report.get("w2", {}).items():
+        best = next((p for p in w2["points"] if p["batch"] == w2["largest_batch"]), None)
+        speed = f"{best['generated_tokens'] / best['total_s']:.1f}" if best else "-"
+        lines.append(f"| {engine} | {w2['largest_batch']} | {speed} | {w2['stopped_by']} |")
+    lines.append("\n| decode step (W1) | measured ms | least the machine allows, ms | ratio |")
+    lines.append("|---|---|---|---|")
+    for mode in ("el", "kv"):
+        s = summary.get(f"W1/{mode}", {})
+        if "step_vs_limit" in s:
+            lines.append(f"| {mode} | {1e3 * s['decode_step_s']:.1f} | {1e3 * s['step_limit_s']:.1f} | "
+                         f"{s['step_vs_limit']:.2f}x |")  # fmt: skip
+    for key, value in summary.items():
+        if key.startswith("W3/") and isinstance(value, dict) and "identical_transcripts" in value:
+            lines.append(f"\n{key}: {value['identical_transcripts']}/{value['clips']} identical transcripts")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from-json", type=Path, help="print the tables of an existing bench.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "graphs" / "bench" / "report")
+    args = parser.parse_args()
+    if args.from_json is None:
+        command = [sys.executable, "-m", "el_export.cli", "bench", "--out", str(args.out)]
+        subprocess.run(command, check=True, cwd=ROOT)
+        args.from_json = args.out / "bench.json"
+    print(tables(json.loads(args.from_json.read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
