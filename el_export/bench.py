@@ -154,7 +154,7 @@ def _id_tokenizer(vocab_size: int, specials: dict[str, int]):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"<{i}>": i for i in range(vocab_size)} | specials
+    vocab = {f"<{i}>": i for i in range(vocab_size) if i not in specials.values()} | specials  # one token per id
     tok = Tokenizer(models.WordLevel(vocab, unk_token=next(iter(specials))))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     names = {v: k for k, v in specials.items()}
@@ -162,7 +162,8 @@ def _id_tokenizer(vocab_size: int, specials: dict[str, int]):
         tokenizer_object=tok,
         **{role: names[i] for role, i in (("bos_token", 0), ("pad_token", 1), ("eos_token", 2), ("unk_token", 3))
            if i in names},
-        **({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"} if "<|endoftext|>" in specials else {}),
+        **({role: "<|endoftext|>" for role in ("eos_token", "bos_token", "unk_token")} if "<|endoftext|>" in specials
+           else {}),
     )  # fmt: skip
 
 
@@ -274,10 +275,12 @@ class _Ours:
         self.generator.backend.make_decoder = lambda context: self._decoders.append(make(context)) or self._decoders[-1]
 
     def encode_time(self, inputs, mask):
-        graph = "prefill" if self.generator.manifest.kind == "decoder-only" else "encoder"
         feeds = {"input_features": inputs} if self.speech else {"input_ids": inputs, "attention_mask": mask}
         start = time.perf_counter()
-        self.generator.backend.run(graph, feeds)
+        if self.generator.manifest.kind == "decoder-only":
+            self.generator.backend.run("prefill", feeds)
+        else:
+            self.generator.encode(feeds)  # in chunks, as generate encodes
         return time.perf_counter() - start
 
     def generate(self, inputs, mask, kwargs):
