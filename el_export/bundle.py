@@ -55,6 +55,7 @@ class Manifest:
     quantization: str = ""  # "int8": ONNX Runtime dynamic int8 weights in the float32 graphs
     audio: dict = field(default_factory=dict)  # speech models: feature settings and the mel filter file
     engines: dict = field(default_factory=dict)  # TensorRT engines, once built (el_export.trt.build)
+    mode_choice: dict = field(default_factory=dict)  # --mode auto: the workload and both modes' measured seconds
 
     def to_json(self) -> dict:
         return {
@@ -83,6 +84,7 @@ class Manifest:
             "quantization": self.quantization,
             "audio": self.audio,
             "engines": self.engines,
+            "mode_choice": self.mode_choice,
         }
 
     @classmethod
@@ -102,7 +104,7 @@ class Manifest:
         _require(data, "dtype", str, choices=("float32", "float16", "bfloat16"))
         for key in ("dims", "graphs", "special_tokens", "generation_defaults", "files"):
             _require(data, key, dict)
-        for key in ("exporter", "source", "fp32_modules", "audio", "engines"):
+        for key in ("exporter", "source", "fp32_modules", "audio", "engines", "mode_choice"):
             if not isinstance(data.get(key) or {}, dict):
                 raise BundleError(f"manifest field {key!r} is not an object")
         _check_dims(data["dims"])
@@ -138,6 +140,10 @@ class Manifest:
         quantization = data.get("quantization") or ""
         if quantization not in ("", "int8"):
             raise BundleError(f"manifest field 'quantization' is {quantization!r}; expected int8 or nothing")
+        mode_choice = data.get("mode_choice") or {}
+        if mode_choice and mode_choice.get("chosen") != data["mode"]:
+            chosen = mode_choice.get("chosen")
+            raise BundleError(f"manifest mode_choice chose {chosen!r} but the bundle's mode is {data['mode']!r}")
         engines = data.get("engines") or {}
         if engines:
             _check_engines(engines, graphs, files)
@@ -158,6 +164,7 @@ class Manifest:
             quantization=quantization,
             audio=audio,
             engines=engines,
+            mode_choice=mode_choice,
         )
 
 

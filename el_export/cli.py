@@ -39,7 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a checkpoint to a bundle of ONNX graphs")
     p.add_argument("model", help="local checkpoint directory (or a hub id when a hub is reachable)")
     p.add_argument("--out", type=Path, help="bundle directory to create (default: graphs/<name>-<mode>)")
-    p.add_argument("--mode", choices=("el", "kv"), default="el", help="decoder: EL-attention (default) or K/V baseline")
+    p.add_argument("--mode", choices=("el", "kv", "auto"), default="el",
+                   help="decoder: EL-attention (default), K/V baseline, or auto: export both, time both on the "
+                        "workload below, keep the faster")  # fmt: skip
+    p.add_argument("--batch-size", type=int, help="auto: inputs per generate call to time (default 8)")
+    p.add_argument("--num-beams", type=int, help="auto: beams to time (default 4)")
+    p.add_argument("--source-len", type=int, help="auto: source (or prompt) tokens to time (default 512 or fewer)")
+    p.add_argument("--threads", type=int, help="auto: ONNX Runtime threads for the timing (default: all cores)")
     p.add_argument(
         "--dtype",
         choices=("float32", "float16"),
@@ -195,17 +201,28 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 def _export(args) -> int:
     from el_export.export import export_model, load_checkpoint, load_feature_extractor
 
+    workload_args = {"batch_size": args.batch_size, "num_beams": args.num_beams, "source_len": args.source_len}
+    given = {k: v for k, v in workload_args.items() if v is not None}
+    if args.mode != "auto" and (given or args.threads is not None):
+        flags = [f"--{k.replace('_', '-')}" for k in given] + (["--threads"] if args.threads is not None else [])
+        raise InvalidArgumentError(f"{', '.join(flags)} only apply to --mode auto (the workload it times)")
     out = args.out or DEFAULT_OUT / f"{Path(args.model.rstrip('/')).name}-{args.mode}"
     hf_model, tokenizer = load_checkpoint(args.model)
     manifest = export_model(
         hf_model, out, mode=args.mode, dtype=args.dtype, opset=args.opset, tokenizer=tokenizer,
         feature_extractor=load_feature_extractor(args.model), overwrite=args.overwrite, source=args.model,
-        quantize=args.quantize,
+        quantize=args.quantize, auto_workload=given, threads=args.threads,
     )  # fmt: skip
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2))
-    else:
-        print(f"wrote {out} ({manifest.family}, mode {manifest.mode}, {len(manifest.files)} files)")
+        return 0
+    print(f"wrote {out} ({manifest.family}, mode {manifest.mode}, {len(manifest.files)} files)")
+    if manifest.mode_choice:
+        seconds, w = manifest.mode_choice["seconds"], manifest.mode_choice["workload"]
+        print(
+            f"auto: el {seconds['el']:.3f} s, kv {seconds['kv']:.3f} s for batch {w['batch_size']} x "
+            f"{w['num_beams']} beams, source {w['source_len']}, {w['new_tokens']} new tokens: kept {manifest.mode}"
+        )
     return 0
 
 

@@ -100,13 +100,16 @@ def export_model(
     external_data: bool | None = None,
     progress: bool = True,
     source: str | None = None,
+    auto_workload: dict | None = None,
+    threads: int | None = None,
 ) -> Manifest:
     """Export an HF generation model to a bundle of ONNX graphs with an EL (or K/V) decoder.
 
     Args:
         hf_model: a loaded `transformers` model of a supported family.
         out_dir: the bundle directory to create (atomically: a failure leaves nothing).
-        mode: "el" (EL-attention decoder) or "kv" (the standard K/V-cache baseline).
+        mode: "el" (EL-attention decoder), "kv" (the standard K/V-cache baseline), or "auto": both are exported,
+            timed on `auto_workload` with ONNX Runtime (`threads`), and the faster is kept (`el_export.auto`).
         dtype: "float32" or "float16" (modules a family knows to overflow stay fp32; see the manifest).
         opset: ONNX opset; None lets the exporter choose.
         tokenizer: an HF fast tokenizer to ship as tokenizer.json (optional).
@@ -117,6 +120,8 @@ def export_model(
         external_data: store weights beside the graph; None does so only past 2 GB.
         progress: show a progress display on stderr.
         source: where the checkpoint came from, recorded in the manifest.
+        auto_workload: `mode="auto"`: batch_size, num_beams, source_len, new_tokens to time (`auto.DEFAULTS`).
+        threads: ONNX Runtime threads for the `mode="auto"` timing (default: all cores).
 
     Returns:
         The manifest written.
@@ -124,8 +129,15 @@ def export_model(
     Raises:
         InvalidArgumentError, UnsupportedModelError, CheckpointError, ExportError.
     """
+    if mode == "auto":
+        from el_export.auto import export_auto
+
+        options = dict(dtype=dtype, opset=opset, tokenizer=tokenizer, feature_extractor=feature_extractor,
+                       quantize=quantize, external_data=external_data, progress=progress, source=source)  # fmt: skip
+        return export_auto(hf_model, out_dir, auto_workload, overwrite=overwrite, threads=threads,
+                           **options)  # fmt: skip
     if mode not in MODES:
-        raise InvalidArgumentError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        raise InvalidArgumentError(f"mode {mode!r} is not one of {', '.join(MODES)}, auto")
     if dtype not in ("float32", "float16"):
         raise InvalidArgumentError(f"dtype {dtype!r} is not one of float32, float16")
     if quantize not in (None, "int8") or (quantize and dtype != "float32"):
