@@ -83,6 +83,11 @@ class Generator:
             InputError: empty input, token ids outside the vocabulary, too long for the model.
             InvalidArgumentError: invalid generation arguments.
         """
+        with self.backend.generating():
+            return self._generate(input_ids, attention_mask, decoder_input_ids, input_features, audio, language, task,
+                                  kwargs)  # fmt: skip
+
+    def _generate(self, input_ids, attention_mask, decoder_input_ids, input_features, audio, language, task, kwargs):
         if self.manifest.audio:
             return self._generate_speech(input_features, audio, language, task, kwargs)
         if input_features is not None or audio is not None or language is not None or task is not None:

@@ -125,3 +125,18 @@ def test_torch_static_cache_matches_hf_across_buckets(mode, hf_models, padded_ba
         ours = generator.generate(input_ids=ids, attention_mask=mask, **kwargs)
         ref = _hf(hf, ids, mask, **kwargs)
         assert torch.equal(ours.sequences, ref.sequences), kwargs
+
+
+def test_onnxruntime_on_cpu_generates_with_torch_at_one_thread(bundles, monkeypatch):
+    """torch's OpenMP threads would compete with ONNX Runtime's for the cores; the setting comes back after."""
+    generator = el_export.load(bundles("bart", "el"))
+    seen, run = [], generator.backend.run
+    monkeypatch.setattr(generator.backend, "run", lambda *args: seen.append(torch.get_num_threads()) or run(*args))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generator.generate(input_ids=[[5, 6, 7, 2]], num_beams=2, max_new_tokens=3)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -4,6 +4,7 @@ The base class checks inputs against the manifest's contract and allocates outpu
 symbolic axes it resolved; a backend fills in `_run_impl` (and says which device it uses).
 """
 
+import contextlib
 import re
 
 import torch
@@ -86,6 +87,10 @@ class Backend:
 
     def _run_impl(self, graph_name: str, feeds: dict[str, torch.Tensor], axes: dict[str, int]) -> dict:
         raise NotImplementedError
+
+    def generating(self):
+        """A context held around each `generate` call (backends that share the CPU with torch's search)."""
+        return contextlib.nullcontext()
 
     def make_decoder(self, context: dict[str, torch.Tensor]):
         """The `StepDecoder` over this backend's decoder_step graph, given the encoder's outputs."""
