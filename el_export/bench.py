@@ -10,8 +10,9 @@ separate environment provides it. Workloads:
     W4  GPT-2-small-sized random GPT-2, prompt 256, batch 4, 4 beams, exactly 64 new tokens
 
 Each engine runs in a child process (`python -m el_export.bench worker ...`) so its peak RSS is its
-own; the parent measures this machine's GEMM rate and memory bandwidth, puts each decode step against
-the least time its FLOPs and bytes allow, and writes a table, JSON and a PNG plot.
+own; the parent measures this machine's GEMM rate (square, and at a decode step's shapes with weights
+streamed from memory) and memory bandwidth, puts each decode step against the least time its FLOPs and
+bytes allow at each rate, and writes a table, JSON and a PNG plot.
 """
 
 import json
