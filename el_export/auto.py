@@ -8,7 +8,6 @@ beams x source 512, and el holds 8x the batch in a fixed memory budget. So the c
 
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -79,23 +78,18 @@ def time_bundle(bundle: Path, workload: Workload, threads: int | None = None, re
 
 def export_auto(hf_model, out_dir, workload: dict | None = None, *, overwrite: bool = False, threads: int | None = None,
                 **export_options) -> Manifest:  # fmt: skip
-    """Export `el` and `kv` beside `out_dir`, time both on the workload (`DEFAULTS` updated by `workload`) with
-    ONNX Runtime, and write the faster as the bundle at `out_dir`; its manifest's `mode_choice` records the
-    workload and both timings. Nothing is left beside `out_dir` whatever happens."""
+    """Export `el` and `kv`, time both on the workload (`DEFAULTS` updated by `workload`) with ONNX Runtime, and
+    write the faster as the bundle at `out_dir`; its manifest's `mode_choice` records the workload and both
+    timings. Both are written inside the bundle's temporary directory: a failure leaves nothing behind."""
     from el_export.export import export_model
 
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not overwrite:
-        raise InvalidArgumentError(f"{out_dir} already exists; choose another --out or pass --overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.auto-", dir=out_dir.parent))
-    try:
+    with writing_bundle(out_dir, overwrite=overwrite) as tmp:  # both modes are exported inside it
         manifests, seconds = {}, {}
         for mode in MODES:
-            manifests[mode] = export_model(hf_model, scratch / mode, mode=mode, **export_options)
+            manifests[mode] = export_model(hf_model, tmp / mode, mode=mode, **export_options)
             if mode == MODES[0]:
                 resolved = resolve_workload(workload or {}, manifests[mode])
-            seconds[mode] = round(time_bundle(scratch / mode, resolved, threads), 4)
+            seconds[mode] = round(time_bundle(tmp / mode, resolved, threads), 4)
         chosen = min(MODES, key=seconds.get)
         choice = {
             "chosen": chosen,
@@ -105,11 +99,10 @@ def export_auto(hf_model, out_dir, workload: dict | None = None, *, overwrite: b
             "threads": threads or torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
         }
-        with writing_bundle(out_dir, overwrite=overwrite) as tmp:
-            for entry in (scratch / chosen).iterdir():
-                os.replace(entry, tmp / entry.name)
-            manifest = replace(manifests[chosen], mode_choice=choice)
-            write_manifest(tmp, manifest)
-        return manifest
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        for entry in (tmp / chosen).iterdir():
+            os.replace(entry, tmp / entry.name)
+        for mode in MODES:
+            shutil.rmtree(tmp / mode)
+        manifest = replace(manifests[chosen], mode_choice=choice)
+        write_manifest(tmp, manifest)
+    return manifest
