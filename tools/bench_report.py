@@ -1,7 +1,7 @@
 """Reproduce the whole benchmark report: every workload, every engine, then the README's markdown tables.
 
     tools/optimum_env.sh                      # once: Optimum ONNX needs its own environment (transformers < 4.58)
-    .venv/bin/python tools/bench_report.py    # about 40 minutes on 2 cores; graphs/bench/report/{bench.json,bench.png}
+    .venv/bin/python tools/bench_report.py    # about 30 minutes on 2 cores; graphs/bench/report/{bench.json,bench.png}
 
 With --from-json, only the tables are printed from an existing bench.json.
 """
