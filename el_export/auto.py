@@ -52,11 +52,15 @@ def resolve_workload(given: dict, manifest: Manifest) -> Workload:
 
 
 def time_bundle(bundle: Path, workload: Workload, threads: int | None = None, repeats: int = 2) -> float:
-    """Best end-to-end seconds of `repeats` generate calls on random inputs of the workload's shape, after a
-    warm-up; exactly `new_tokens` are generated so both modes do the same work."""
+    """`time_generator` on the bundle, loaded for ONNX Runtime with `threads` (default: all cores)."""
     import el_export
 
-    generator = el_export.load(bundle, **({"threads": threads} if threads else {}))
+    return time_generator(el_export.load(bundle, **({"threads": threads} if threads else {})), workload, repeats)
+
+
+def time_generator(generator, workload: Workload, repeats: int = 2) -> float:
+    """Best end-to-end seconds of `repeats` generate calls on seeded random inputs of the workload's shape, after
+    a one-token warm-up at that shape; exactly `new_tokens` are generated so both modes do the same work."""
     manifest, rng = generator.manifest, torch.Generator().manual_seed(0)
     if manifest.audio:
         _, mels, frames = manifest.graphs["encoder"].input("input_features").shape

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -184,6 +185,15 @@ def wait_until_ready(process: subprocess.Popen, url: str, timeout: float, log_pa
                 return
         time.sleep(0.2)
     raise BackendError(f"{Path(process.args[0]).name} was not ready within {timeout:.0f} s: {_tail(log_path)}")
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct ports free on `host` now (the OS picks them), for servers started next."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def _tail(log_path: Path, lines: int = 5) -> str:

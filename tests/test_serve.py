@@ -30,7 +30,7 @@ import el_export
 from el_export.cli import main
 from el_export.errors import BackendError, InputError, InvalidArgumentError
 from el_export.serve import BatchRunner, check_python_stub, stub_library, stub_problem
-from el_export.triton_repo import stop_process_group, wait_until_ready
+from el_export.triton_repo import free_ports, stop_process_group, wait_until_ready
 
 HOST = "127.0.0.1"
 REQUEST_TIMEOUT = 30.0  # seconds, any one request
@@ -273,14 +273,6 @@ def _triton_or_skip() -> None:
         pytest.skip(f"Triton's Python backend cannot run here: {e}")
 
 
-def _free_ports(n: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in sockets:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in sockets]
-
-
 def _ports_free(ports: list[int]) -> bool:
     for port in ports:
         with socket.socket() as s:
@@ -329,7 +321,7 @@ class ServeProcess:
 @pytest.fixture(scope="module")
 def server(cli_bundle, tmp_path_factory):
     _triton_or_skip()
-    process = ServeProcess(cli_bundle, tmp_path_factory.mktemp("serve"), _free_ports(3), "--max-queue-delay-us",
+    process = ServeProcess(cli_bundle, tmp_path_factory.mktemp("serve"), free_ports(3), "--max-queue-delay-us",
                            "50000")  # fmt: skip
     yield process
     process.stop()
@@ -409,7 +401,7 @@ def test_a_bad_request_gets_a_clear_error_from_the_server(server):
 def test_killing_the_server_mid_load_fails_clients_clearly_and_a_restart_serves(cli_bundle, text_generator, tmp_path):
     """Clients loop (at most 200 requests, 60 s) until the server process is SIGKILLed under them."""
     _triton_or_skip()
-    ports = _free_ports(3)
+    ports = free_ports(3)
     first = ServeProcess(cli_bundle, tmp_path, ports)
     served, failures, stop_at = [], [], time.monotonic() + 60
 
@@ -456,7 +448,7 @@ def test_the_triton_repository_loads_in_the_shipped_triton_server(cli_bundle, te
     from el_export.triton_repo import shipped_server
 
     assert main(["triton-repo", str(cli_bundle), "--out", str(tmp_path / "repo"), "--model-name", "tiny"]) == 0
-    http_port, grpc_port = _free_ports(2)
+    http_port, grpc_port = free_ports(2)
     with shipped_server(tmp_path / "repo", HOST, http_port, grpc_port, log=tmp_path / "triton.log", ready_timeout=120):
         http_client = _client(f"{HOST}:{http_port}")
         grpc_client = grpc.InferenceServerClient(f"{HOST}:{grpc_port}")

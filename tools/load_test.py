@@ -15,12 +15,10 @@ competing for the CPU. Bounded: N requests, and each server run stops sending af
 """
 
 import argparse
-import contextlib
 import json
 import os
 import queue
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,7 +32,7 @@ import numpy as np
 
 import el_export
 from el_export.tiny import CORPUS
-from el_export.triton_repo import stop_process_group, wait_until_ready
+from el_export.triton_repo import free_ports, stop_process_group, wait_until_ready
 
 HOST = "127.0.0.1"
 
@@ -109,7 +107,7 @@ def _offline(generator, texts: list[str], parameters: dict, batch_size: int) -> 
 def _served(bundle, tmp, texts, parameters, expected, batching: bool, args) -> dict:
     import tritonclient.http as http
 
-    ports = _free_ports(3)
+    ports = free_ports(3)
     argv = [sys.executable, "-m", "el_export.cli", "serve", str(bundle), "--model-name", "load",
             "--port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
             "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-us", str(args.max_queue_delay_us),
@@ -178,14 +176,6 @@ def _metrics(port: int) -> dict[str, float]:
         lines = response.read().decode().splitlines()
     names = ("nv_inference_exec_count", "nv_inference_count")
     return {name: sum(float(line.split()[-1]) for line in lines if line.startswith(name + "{")) for name in names}
-
-
-def _free_ports(n: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in sockets:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in sockets]
 
 
 def _row(run: str, throughput: float, latencies: list[float], mean_batch, equal: str) -> dict:
