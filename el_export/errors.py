@@ -56,3 +56,10 @@ class ResourceError(ElExportError):
     """A workload cannot fit the memory available (or the limit given), even one input at a time."""
 
     exit_code = 7
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when the message is empty): what a
+    one-line error quotes from a third-party exception."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

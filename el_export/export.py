@@ -18,7 +18,7 @@ from torch.export import Dim
 from el_export import __version__
 from el_export.audio import FeatureSpec
 from el_export.bundle import GraphEntry, Manifest, file_entries, write_manifest, writing_bundle
-from el_export.errors import CheckpointError, ExportError, InvalidArgumentError
+from el_export.errors import CheckpointError, ExportError, InvalidArgumentError, first_line
 from el_export.families import build_from_hf, cast, family_for
 from el_export.graphs import float_dtype, graphs_for, sample_inputs
 from el_export.models import MODES
@@ -67,7 +67,7 @@ def load_checkpoint(model: str):
     try:
         config = AutoConfig.from_pretrained(str(local) if local.exists() else model)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         where = "local directory" if local.exists() else "local directory, and the hub did not serve it"
         raise CheckpointError(f"cannot read the config of {model!r} ({where}): {first}") from None
     family = family_for(config)
@@ -77,7 +77,7 @@ def load_checkpoint(model: str):
     try:
         hf_model = auto.from_pretrained(model).eval()
     except (OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(f"cannot load the weights of {model!r}: {first}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
@@ -205,7 +205,7 @@ def export_graph(graph: torch.nn.Module, path: Path, opset: int | None = None, e
             )
             program.save(path, external_data=external_data)
     except Exception as e:  # the exporter raises many types; the first line says what failed
-        raise ExportError(f"exporting {graph.name} failed: {str(e).strip().splitlines()[0]}") from e
+        raise ExportError(f"exporting {graph.name} failed: {first_line(e)}") from e
     # Name output axes as the contract does (the exporter writes expressions such as "past + 1").
     model = onnx.load(str(path), load_external_data=False)
     for spec, value in zip(graph.outputs, model.graph.output, strict=True):
@@ -216,7 +216,7 @@ def export_graph(graph: torch.nn.Module, path: Path, opset: int | None = None, e
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"{path.name} fails onnx.checker: {str(e).splitlines()[0]}") from None
+        raise ExportError(f"{path.name} fails onnx.checker: {first_line(e)}") from None
     bad = {n.op_type for n in model.graph.node if n.op_type in ("If", "Loop", "Scan")}
     if bad:
         raise ExportError(f"{path.name} contains control flow ({', '.join(sorted(bad))}); graphs must be straight-line")

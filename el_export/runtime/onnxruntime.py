@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from el_export.errors import BackendError
+from el_export.errors import BackendError, first_line
 from el_export.runtime.base import Backend
 
 _NUMPY = {torch.int64: np.int64, torch.float32: np.float32, torch.float16: np.float16}
@@ -42,7 +42,7 @@ class OnnxRuntimeBackend(Backend):
             try:
                 self.sessions[name] = ort.InferenceSession(str(path), options, providers=providers)
             except Exception as e:  # ORT raises its own exception types for corrupted / truncated files
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = first_line(e)
                 raise BackendError(f"onnxruntime cannot load {path}: {first}") from None
 
     def generating(self):

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from el_export.bundle import MANIFEST, Manifest, file_entries, read_manifest, write_manifest, writing_bundle
-from el_export.errors import BackendError, InvalidArgumentError
+from el_export.errors import BackendError, InvalidArgumentError, first_line
 from el_export.trt.precision import PRECISIONS, PrecisionPlan, fp32_tensors, hold_fp32, plan_precision
 from el_export.trt.profiles import Limits, axis_ranges, graph_profiles
 
@@ -136,7 +136,7 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: dict, plan: Precisio
     try:
         SaveBytes(EngineBytesFromNetwork(network, config=config), str(plan_path))()
     except PolygraphyException as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise BackendError(f"TensorRT could not build {onnx_path.name}: {first}") from None
     return sum(pinned)
 
