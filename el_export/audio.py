@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from el_export.errors import InputError
+from el_export.errors import InputError, first_line
+
+FORMATS = ("WAV", "WAVEX", "FLAC")  # libsndfile's names, read from the file's header (not its name)
+ACCEPTED = "a WAV or FLAC file"
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,8 @@ def load_audio(source: str | Path | bytes, sampling_rate: int) -> np.ndarray:
     """A WAV or FLAC file (its path, or its bytes) -> mono float32 samples.
 
     Raises:
-        InputError: unreadable file, or a sample rate other than `sampling_rate` (no silent resampling).
+        InputError: a missing, unreadable, truncated or empty file, one of another format, or a sample rate
+            other than `sampling_rate` (no silent resampling).
     """
     import soundfile
 
@@ -45,13 +49,23 @@ def load_audio(source: str | Path | bytes, sampling_rate: int) -> np.ndarray:
         name, file, example = "the audio bytes", io.BytesIO(source), "in.wav"
     else:
         path = Path(source)
-        if not path.is_file():
+        if not path.exists():
             raise InputError(f"audio file {path} does not exist")
+        if not path.is_file():
+            raise InputError(f"audio {path} is not a file; give {ACCEPTED}")
+        if path.suffix.lower() == ".raw":  # soundfile reads a *.raw name as headerless PCM, whatever it holds
+            raise InputError(
+                f"audio {path} is headerless RAW audio; give {ACCEPTED} (for example: sox -t raw -r {sampling_rate} "
+                f"-e signed -b 16 -c 1 {path.name} out.wav)"
+            )
         name, file, example = str(path), str(path), path.name
     try:
-        samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
-    except (RuntimeError, soundfile.LibsndfileError) as e:
-        raise InputError(f"cannot read audio {name}: {e}") from None
+        with soundfile.SoundFile(file) as sound:
+            if sound.format not in FORMATS:
+                raise InputError(f"audio {name} is {sound.format}; give {ACCEPTED}")
+            samples, rate = sound.read(dtype="float32", always_2d=True), sound.samplerate
+    except soundfile.LibsndfileError as e:  # not audio, empty, truncated
+        raise InputError(f"cannot read audio {name} ({first_line(e)}); give {ACCEPTED}") from None
     if rate != sampling_rate:
         raise InputError(
             f"{name} is sampled at {rate} Hz but the model needs {sampling_rate} Hz; resample it first "
@@ -60,21 +74,32 @@ def load_audio(source: str | Path | bytes, sampling_rate: int) -> np.ndarray:
     return samples.mean(axis=1)  # mono
 
 
-def log_mel(audios: list[np.ndarray], spec: FeatureSpec, mel_filters: torch.Tensor) -> torch.Tensor:
+def log_mel(
+    audios: list[np.ndarray], spec: FeatureSpec, mel_filters: torch.Tensor, names: list[str] | None = None
+) -> torch.Tensor:
     """Mono float32 waveforms -> float32 features [B, n_mels, frames], each padded or cut to the chunk.
+    `names` (default "audio i") are what errors call the inputs.
 
     Raises:
-        InputError: an empty waveform, or one longer than the model's chunk (Whisper sees 30 s at once).
+        InputError: an empty waveform, one with NaN or infinite samples, or one longer than the model's chunk
+            (Whisper sees 30 s at once).
     """
     batch = np.zeros((len(audios), spec.n_samples), dtype=np.float32)
     for i, audio in enumerate(audios):
-        audio = np.asarray(audio, dtype=np.float32)
+        name = names[i] if names else f"audio {i}"
+        try:
+            audio = np.asarray(audio, dtype=np.float32)
+        except (TypeError, ValueError) as e:  # not numbers, or ragged
+            raise InputError(f"{name} must be a mono waveform of numbers ({first_line(e)})") from None
         if audio.ndim != 1 or audio.size == 0:
-            raise InputError(f"audio {i} must be a non-empty mono waveform, got shape {list(audio.shape)}")
+            raise InputError(f"{name} must be a non-empty mono waveform, got shape {list(audio.shape)}")
+        bad = int(audio.size - np.isfinite(audio).sum())
+        if bad:  # one NaN turns every feature into NaN, and the transcript into noise
+            raise InputError(f"{name} has {bad} NaN or infinite samples; give finite samples (-1 to 1)")
         if audio.size > spec.n_samples:
             raise InputError(
-                f"audio {i} is {audio.size / spec.sampling_rate:.1f} s; the model transcribes up to "
-                f"{spec.chunk_length} s at once: split it"
+                f"{name} is {_seconds_over(audio.size, spec)} s; the model transcribes up to {spec.chunk_length} s "
+                "at once: split it"
             )
         batch[i, : audio.size] = audio
     waveform = torch.from_numpy(batch)
@@ -86,3 +111,13 @@ def log_mel(audios: list[np.ndarray], spec: FeatureSpec, mel_filters: torch.Tens
     peak = log_spec.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0]  # per input
     log_spec = torch.maximum(log_spec, peak - 8.0)
     return (log_spec + 4.0) / 4.0
+
+
+def _seconds_over(samples: int, spec: FeatureSpec) -> str:
+    """The duration with the fewest decimals (at least one) that still shows it is past the chunk: "30.01"."""
+    seconds = samples / spec.sampling_rate
+    for decimals in range(1, 7):
+        text = f"{seconds:.{decimals}f}"
+        if float(text) > spec.chunk_length:
+            return text
+    return repr(seconds)

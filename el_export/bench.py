@@ -297,13 +297,9 @@ class _Ours:
 
 class _HF:
     def __init__(self, engine, spec, paths, threads):
-        import transformers
+        from el_export.export import load_checkpoint
 
-        from el_export.families import family_for
-
-        config = transformers.AutoConfig.from_pretrained(paths["checkpoint"])
-        auto = getattr(transformers, family_for(config).auto_model)
-        self.model = auto.from_pretrained(paths["checkpoint"]).eval()
+        self.model, _ = load_checkpoint(str(paths["checkpoint"]))
         self.speech, self.cache_bytes = spec.model == "whisper", None
 
     def encode_time(self, inputs, mask):

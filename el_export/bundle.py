@@ -2,21 +2,24 @@
 
 A directory holding `manifest.json` and the files it names (graphs, external weights, tokenizer).
 The runtime reads only this: no `transformers`, no original checkpoint. Readers refuse a format
-version they do not know, a file whose sha256 differs from the manifest, and any file name that
-would leave the bundle directory.
+version they do not know, a file whose sha256 differs from the manifest, any file name that would
+leave the bundle directory, and links or anything but plain files inside it. The runtime reads each
+file it uses once, into memory, and uses the bytes it checked (`read_file`).
 """
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from el_export.errors import BundleError, InvalidArgumentError
+from el_export.errors import BundleError, InvalidArgumentError, first_line
 from el_export.graphs import TensorSpec
 
 FORMAT = "el-export-bundle"
@@ -56,6 +59,12 @@ class Manifest:
     audio: dict = field(default_factory=dict)  # speech models: feature settings and the mel filter file
     engines: dict = field(default_factory=dict)  # TensorRT engines, once built (el_export.trt.build)
     mode_choice: dict = field(default_factory=dict)  # --mode auto: the workload and both modes' measured seconds
+
+    @property
+    def source_vocab_size(self) -> int:
+        """Ids an input_ids entry may take: the encoder's vocabulary (Marian's differs from the decoder's), or
+        the decoder's for decoder-only models, whose dims hold encoder_vocab_size 0."""
+        return self.dims["encoder_vocab_size"] or self.dims["vocab_size"]
 
     def to_json(self) -> dict:
         return {
@@ -108,12 +117,16 @@ class Manifest:
             if not isinstance(data.get(key) or {}, dict):
                 raise BundleError(f"manifest field {key!r} is not an object")
         _check_dims(data["dims"])
-        _check_special_tokens(data["special_tokens"])
+        vocab = data["dims"]["vocab_size"]
+        _check_token_ids("special_tokens", data["special_tokens"], vocab, all_keys=True)
+        _check_token_ids("generation_defaults", data["generation_defaults"], vocab, all_keys=False)
         files = data["files"]
         for name, entry in files.items():
             _safe_name(name)
             if not isinstance(entry, dict) or not _SHA256.fullmatch(str(entry.get("sha256"))):
                 raise BundleError(f"manifest files[{name!r}] has no valid sha256")
+            if not _size(entry.get("bytes"), minimum=0):
+                raise BundleError(f"manifest files[{name!r}] has no valid size in bytes")
         expected = {"seq2seq": {"encoder", "decoder_step"}, "decoder-only": {"prefill", "decoder_step"}}[data["kind"]]
         if set(data["graphs"]) != expected:
             raise BundleError(
@@ -124,6 +137,11 @@ class Manifest:
             graph = _graph_entry(name, entry)
             if graph.file not in files:
                 raise BundleError(f"manifest graphs[{name!r}] names {graph.file!r}, which is not in its files list")
+            logits = next((s for s in graph.outputs if s.name == "logits"), None)
+            if logits is not None and logits.shape[-1:] != (vocab,):
+                raise BundleError(
+                    f"manifest graphs[{name!r}] logits end in {list(logits.shape[-1:])}, not dims.vocab_size {vocab}"
+                )
             graphs[name] = graph
         tokenizer = data.get("tokenizer")
         if tokenizer is not None and (not isinstance(tokenizer, str) or tokenizer not in files):
@@ -133,7 +151,7 @@ class Manifest:
             fields = ("sampling_rate", "n_fft", "hop_length", "chunk_length", "n_mels")
             mel_filters = audio.get("mel_filters")
             listed = isinstance(mel_filters, str) and mel_filters in files
-            if not listed or not all(_positive_int(audio.get(k)) for k in fields):
+            if not listed or not all(_size(audio.get(k), minimum=1) for k in fields):
                 raise BundleError(
                     f"manifest field 'audio' needs positive integer {', '.join(fields)} and a listed mel_filters file"
                 )
@@ -171,6 +189,9 @@ class Manifest:
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _AXIS = re.compile(r"^[a-z_]+(\+\d+)?$")
 _DTYPES = ("int64", "float32", "float16", "bfloat16")
+_LIMIT = 2**31  # dims, fixed axis sizes and token ids stay below it: int32 range, which engines index with
+# generation_defaults keys holding token ids: these lists, *_token_id, and *_to_id (Whisper's language and task maps)
+_TOKEN_LISTS = ("suppress_tokens", "begin_suppress_tokens")
 
 
 def _graph_entry(name: str, entry) -> GraphEntry:
@@ -197,7 +218,13 @@ def _graph_entry(name: str, entry) -> GraphEntry:
             )
             if not ok:
                 raise BundleError(f"{where}.{side} has a malformed tensor entry: {str(item)[:80]}")
+            if too_large := [a for a in item["shape"] if isinstance(a, int) and a >= _LIMIT]:
+                raise BundleError(
+                    f"{where}.{side}: {item['name']!r} declares size {too_large[0]}; fixed sizes are below 2**31"
+                )
         specs[side] = tuple(TensorSpec.from_json(item) for item in items)
+        if len({s.name for s in specs[side]}) != len(items):
+            raise BundleError(f"{where}.{side} names a tensor twice")
     return GraphEntry(file=entry["file"], inputs=specs["inputs"], outputs=specs["outputs"])
 
 
@@ -230,31 +257,39 @@ def _shape_range(shapes, rank: int) -> bool:
     if not isinstance(shapes, dict) or any(not isinstance(shapes.get(k), list) or len(shapes[k]) != rank for k in keys):
         return False
     return all(
-        all(isinstance(v, int) and not isinstance(v, bool) for v in axis) and 0 <= axis[0] <= axis[1] <= axis[2]
+        all(_size(v, minimum=0) for v in axis) and axis[0] <= axis[1] <= axis[2]
         for axis in zip(*(shapes[k] for k in keys), strict=True)
     )
 
 
 def _check_dims(dims: dict) -> None:
     for key in ("d_model", "decoder_layers", "heads", "d_head", "vocab_size"):
-        if not _positive_int(dims.get(key)):
-            raise BundleError(f"manifest dims.{key} is missing or not a positive integer")
+        if not _size(dims.get(key), minimum=1):
+            raise BundleError(f"manifest dims.{key} is missing or not a positive integer below 2**31")
     for key in ("encoder_layers", "encoder_vocab_size"):
-        if not isinstance(dims.get(key, 0), int) or dims.get(key, 0) < 0:
-            raise BundleError(f"manifest dims.{key} is not a non-negative integer")
-    if dims.get("max_positions") is not None and not _positive_int(dims["max_positions"]):
-        raise BundleError("manifest dims.max_positions is not a positive integer (or null)")
+        if not _size(dims.get(key, 0), minimum=0):
+            raise BundleError(f"manifest dims.{key} is not a non-negative integer below 2**31")
+    if dims.get("max_positions") is not None and not _size(dims["max_positions"], minimum=1):
+        raise BundleError("manifest dims.max_positions is not a positive integer below 2**31 (or null)")
 
 
-def _check_special_tokens(tokens: dict) -> None:
+def _check_token_ids(where: str, tokens: dict, vocab: int, all_keys: bool) -> None:
+    """Token ids (null, an id, a list of ids, or a map to ids) inside the decoder's vocabulary [0, vocab): an id
+    past it would index past the embedding table in the graph. `all_keys`: every key holds ids, not only the
+    keys named for them."""
     for key, value in tokens.items():
-        values = value if isinstance(value, list) else [value]
-        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in values):
-            raise BundleError(f"manifest special_tokens.{key} is not a token id")
+        if not (all_keys or key.endswith(("_token_id", "_to_id")) or key in _TOKEN_LISTS):
+            continue
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        bad = next((v for v in values if v is not None and not (_size(v, minimum=0) and v < vocab)), None)
+        if bad is not None:
+            shown = f"{bad!r}"[:40]
+            raise BundleError(f"manifest {where}.{key} holds {shown}, which is not a token id below vocab_size {vocab}")
 
 
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+def _size(value, minimum: int) -> bool:
+    """An int (not a bool) in [minimum, 2**31)."""
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value < _LIMIT
 
 
 def _require(data: dict, key: str, kind: type, choices: tuple | None = None) -> None:
@@ -265,18 +300,19 @@ def _require(data: dict, key: str, kind: type, choices: tuple | None = None) -> 
 
 
 def _safe_name(name: str) -> None:
-    """A file name inside the bundle: relative, no parent references, no absolute paths."""
-    p = Path(name)
-    if not name or p.is_absolute() or ".." in p.parts or name.startswith(("/", "\\")) or "\\" in name:
+    """A file name inside the bundle: relative, no parent references, no absolute paths, no empty or "." parts."""
+    parts = name.split("/")
+    if not name or Path(name).is_absolute() or "\\" in name or any(p in ("", ".", "..") for p in parts):
         raise BundleError(f"manifest names file {name!r}, which is outside the bundle directory")
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def file_entries(directory: Path) -> dict[str, dict]:
@@ -288,8 +324,9 @@ def file_entries(directory: Path) -> dict[str, dict]:
     return entries
 
 
-def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> Manifest:
-    """Read and validate a bundle's manifest; with `verify`, check every file's presence and sha256.
+def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True, hash_files: bool = True) -> Manifest:
+    """Read and validate a bundle's manifest; with `verify`, check that every file is there, a plain file of its
+    size and (`hash_files`) sha256. A loader passes hash_files=False and hashes what it reads (`read_file`).
 
     Raises:
         BundleError: the directory, manifest or a file is missing, malformed or corrupted.
@@ -298,38 +335,108 @@ def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> Manifes
     if not bundle_dir.is_dir():
         raise BundleError(f"bundle directory {bundle_dir} does not exist; create one with `el-export export`")
     path = bundle_dir / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise BundleError(f"{bundle_dir} has no {MANIFEST}: not a bundle, or an export that did not finish")
+    with _open(bundle_dir, MANIFEST) as f:
+        text = f.read()
     try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON ({e})") from None
+        data = json.loads(text)
+    except RecursionError:
+        raise BundleError(f"{path} is not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # malformed JSON, not UTF-8, or an integer past Python's digit limit
+        raise BundleError(f"{path} is not valid JSON ({first_line(e)})") from None
     manifest = Manifest.from_json(data)
     if verify:
         for name, entry in manifest.files.items():
-            file = bundle_dir / name
-            if not file.is_file():
-                raise BundleError(f"bundle {bundle_dir} is missing {name}; re-export it")
-            if sha256(file) != entry["sha256"]:
-                raise BundleError(
-                    f"{file} does not match the sha256 in {MANIFEST}: the file is corrupted or was changed"
-                )
+            with _open(bundle_dir, name) as f:
+                _check_size(f, bundle_dir / name, entry)
+                if hash_files and hashlib.file_digest(f, "sha256").hexdigest() != entry["sha256"]:
+                    raise _changed(bundle_dir / name)
     return manifest
+
+
+def read_file(bundle_dir: str | os.PathLike, manifest: Manifest, name: str, verify: bool = True) -> bytes:
+    """The bytes of listed file `name`, read once: what the sha256 was checked on is what the caller uses (a
+    file swapped after the check is never read).
+
+    Raises:
+        BundleError: the file is missing, a link, not a regular file, or (with `verify`) changed.
+    """
+    bundle_dir = Path(bundle_dir)
+    with _open(bundle_dir, name) as f:
+        if verify:
+            _check_size(f, bundle_dir / name, manifest.files[name])
+        data = f.read()
+    if verify and sha256_bytes(data) != manifest.files[name]["sha256"]:
+        raise _changed(bundle_dir / name)
+    return data
+
+
+def _open(bundle_dir: Path, name: str):
+    """Open `name` in the bundle for reading through no symbolic link, so nothing resolves outside the bundle
+    (O_NOFOLLOW on every part, each opened relative to the last); FIFOs open without blocking and are refused."""
+    path = bundle_dir / name
+    parts = name.split("/")
+    try:
+        directory = os.open(bundle_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise BundleError(f"cannot open bundle directory {bundle_dir} ({e.strerror})") from None
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory)
+            os.close(directory)
+            directory = inner
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
+    except OSError as e:  # O_NOFOLLOW refuses a link with ELOOP, or with ENOTDIR where a directory was expected
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and any(
+            os.path.islink(bundle_dir.joinpath(*parts[: i + 1])) for i in range(len(parts))
+        ):
+            raise BundleError(
+                f"{path} is a symbolic link (or inside one); a bundle holds plain files: copy the file in, or re-export"
+            ) from None
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise BundleError(f"bundle {bundle_dir} is missing {name}; re-export it") from None
+        raise BundleError(f"cannot read {path} ({e.strerror})") from None
+    finally:
+        os.close(directory)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"{path} is not a regular file (a directory, FIFO or device); re-export the bundle")
+    return os.fdopen(fd, "rb")
+
+
+def _check_size(f, path: Path, entry: dict) -> None:
+    """A size that differs from the manifest's is a changed file, found before reading it all."""
+    if os.fstat(f.fileno()).st_size != entry["bytes"]:
+        raise _changed(path)
+
+
+def _changed(path: Path) -> BundleError:
+    return BundleError(f"{path} does not match the sha256 in {MANIFEST}: the file is corrupted or was changed")
 
 
 @contextmanager
 def writing_bundle(out_dir: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory that becomes `out_dir` only if the block finishes.
 
-    A failed export leaves nothing behind; an existing bundle is replaced only with `overwrite`.
+    A failed export leaves nothing behind; an existing bundle is replaced only with `overwrite`, and nothing but an
+    el-export bundle (or a directory inside one: its TensorRT engines) is ever replaced. The result gets the
+    permissions the umask allows (mkdtemp's are 0700), so a server running as another user can read it.
     """
     out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not overwrite:
-        raise InvalidArgumentError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise InvalidArgumentError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+        if out_dir.is_symlink() or not (_is_bundle(out_dir) or (out_dir.is_dir() and _is_bundle(out_dir.parent))):
+            raise InvalidArgumentError(
+                f"{out_dir} is not an el-export bundle (no manifest.json of format {FORMAT}); --overwrite replaces "
+                "only bundles: choose another --out"
+            )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         yield tmp
+        _allow_umask(tmp)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "bundle")
@@ -340,6 +447,26 @@ def writing_bundle(out_dir: str | os.PathLike, overwrite: bool = False):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_bundle(path: Path) -> bool:
+    """A real directory (not a link) whose manifest.json says it is an el-export bundle."""
+    try:
+        data = json.loads((path / MANIFEST).read_bytes()) if path.is_dir() and not path.is_symlink() else None
+    except (OSError, ValueError):  # unreadable or not JSON: not a bundle to replace
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def _allow_umask(directory: Path) -> None:
+    """Give a directory tree the modes the umask allows: 0777 & ~umask for directories, 0666 & ~umask for files."""
+    probe = directory / ".umask"
+    probe.mkdir()  # mkdir applies the umask to 0777; reading it this way leaves the process umask untouched
+    dirs = stat.S_IMODE(probe.stat().st_mode)
+    probe.rmdir()
+    for path in [directory, *directory.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(dirs if path.is_dir() else dirs & 0o666)
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:

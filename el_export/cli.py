@@ -6,6 +6,7 @@ and only here. Anything else is a bug and keeps its traceback.
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -53,32 +54,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="graph precision; float16 keeps the modules a family knows to overflow in float32",
     )
     p.add_argument("--quantize", choices=("int8",), help="int8 weights (ONNX Runtime dynamic quantization; CPU)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--opset", type=int, help="ONNX opset, 18 to 24 (default: the exporter's)")
+    p.add_argument("--atol", type=float, help="accuracy check: absolute tolerance, replacing the default (scaled to "
+                   "each output's peak and the model's width; see el_export/tolerance.py)")  # fmt: skip
+    p.add_argument("--rtol", type=float, help="accuracy check: relative tolerance, replacing the default")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing el-export bundle at --out")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(run=_export)
 
     p = sub.add_parser("generate", help="generate text (or transcripts) from a bundle")
     p.add_argument("bundle", type=Path)
     p.add_argument("text", nargs="*", help="input texts, or audio files for speech bundles (or use --input-file)")
-    p.add_argument("--input-file", type=Path, help="one input per line; .jsonl lines: {'text': ..., 'id': ...}")
-    p.add_argument("--output", type=Path, help="JSONL output, one record per input; an existing one is resumed")
+    p.add_argument("--input-file", type=Path,
+                   help="one input per line; .jsonl lines: {'text': ..., 'id': ...} "
+                        "(ids unique, strings or integers)")  # fmt: skip
+    p.add_argument("--output", type=Path,
+                   help="JSONL output: a header, then one record per input; an existing one is resumed (same bundle, "
+                        "settings and inputs), one job at a time")  # fmt: skip
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--batch-size", type=int, default=8, help="inputs per search batch (default 8)")
-    p.add_argument("--memory-limit", type=float, metavar="GiB", help="cap on decoder state; larger batches are split")
+    p.add_argument("--memory-limit", type=_gib, metavar="GiB",
+                   help="cap on decoder state and encoder activations; larger batches are split")  # fmt: skip
     p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's positions")
     _add_generation_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object per input")
     p.set_defaults(run=_generate)
 
-    p = sub.add_parser("compare", help="check a bundle against its PyTorch reference (graphs, then generate)")
+    p = sub.add_parser(
+        "compare",
+        help="check a bundle against its PyTorch reference (graphs, then generate)",
+        description="Check a bundle against the checkpoint it was exported from: each graph against its PyTorch "
+        "module, then generate (greedy and beam search) against HF generate on the same inputs: text bundles a "
+        "padded batch, speech bundles audio clips.",
+        epilog="exit status: 0 every check passed (PASS), or in reduced precision (float16, bfloat16, int8) every "
+        "sequence equals HF's (AGREE); 1 a check failed (FAIL: a graph outside its tolerance, or float32 tokens "
+        "or scores unlike HF's); 8 reduced precision, graphs within tolerance, but tokens differ on some "
+        "sequences (DIFFER); 2-7 the errors of every command.",
+    )
     p.add_argument("bundle", type=Path)
     p.add_argument("--reference", required=True, help="the checkpoint the bundle was exported from")
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--num-beams", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--batch-size", type=int, default=3, help="text bundles: inputs in the padded batch (default 3)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="default 16; speech bundles: the model's max_length (whole transcripts)")  # fmt: skip
+    p.add_argument("--audio", nargs="+", type=Path, metavar="FILE",
+                   help="speech bundles: WAV/FLAC clips (default: the clips shipped in el_export/clips)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the verdict and every check's figures as JSON")
     p.set_defaults(run=_compare)
 
     p = sub.add_parser("build", help="build TensorRT engines for a bundle (a GPU host with TensorRT)")
@@ -100,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-beams", type=int, default=4)
-    p.add_argument("--source-len", type=int, help="source (or prompt) length; default: the model's max positions")
+    p.add_argument("--source-len", type=int,
+                   help="source (or prompt) length, at most the model's positions; default: all (T5: 512)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_inspect)
@@ -111,14 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_demo)
 
-    p = sub.add_parser("serve", help="serve a bundle through Triton (PyTriton), with dynamic batching")
+    p = sub.add_parser("serve", help="serve a bundle through Triton (shipped with PyTriton), with dynamic batching")
     p.add_argument("bundle", type=Path)
     _add_serving_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", "--http-port", dest="http_port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
-    p.add_argument("--log-file", type=Path, help="write the Triton server's log there (default: the console)")
+    p.add_argument("--log-file", type=Path, help="write the Triton server's full log there (default: its "
+                   "warnings and errors on the console)")  # fmt: skip
     p.add_argument("--backend", default="onnxruntime")
     p.set_defaults(run=_serve)
 
@@ -146,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _gib(text: str) -> float:
+    """--memory-limit: a finite number of GiB, at least one byte (argparse reports anything else)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 2**-30 <= value <= 2**60:  # False for NaN too
+        raise argparse.ArgumentTypeError(f"must be a number of GiB from 2**-30 (one byte) to 2**60, got {text!r}")
+    return value
+
+
 def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (HF generate semantics; unset means the checkpoint's default)")
     g.add_argument("--num-beams", type=int)
@@ -171,18 +206,26 @@ def _add_serving_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-dynamic-batching", dest="dynamic_batching", action="store_false",
                    help="run every request on its own")  # fmt: skip
     p.add_argument("--instances", type=int, default=1, help="model instances sharing the loaded bundle (default 1)")
+    g = p.add_argument_group("request limits (a request over one is refused: HTTP 400, naming the flag)")
+    g.add_argument("--max-num-beams", type=int, help="largest num_beams and num_return_sequences (default 16)")
+    g.add_argument("--max-new-tokens-limit", type=int, help="largest max_new_tokens (default 512)")
+    g.add_argument("--max-text-bytes", type=int, help="largest text input in UTF-8 bytes, checked before "
+                   "tokenizing (default 262144)")  # fmt: skip
 
 
 def serve_config(args: argparse.Namespace):
     """The serving arguments as a `ServeConfig`."""
-    from el_export.serve import ServeConfig
+    from el_export.serve import RequestCaps, ServeConfig
 
     name = args.model_name or re.sub(r"[^A-Za-z0-9._-]", "_", args.bundle.resolve().name)
     names = ("host", "http_port", "grpc_port", "metrics_port", "log_file")  # serve's; triton-repo has none
     ports = {k: getattr(args, k) for k in names if hasattr(args, k)}
+    caps = {"max_num_beams": args.max_num_beams, "max_new_tokens": args.max_new_tokens_limit,
+            "max_text_bytes": args.max_text_bytes}  # fmt: skip
     return ServeConfig(
         model_name=name, max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-        dynamic_batching=args.dynamic_batching, instances=args.instances, **ports,
+        dynamic_batching=args.dynamic_batching, instances=args.instances,
+        caps=RequestCaps(**{k: v for k, v in caps.items() if v is not None}), **ports,
     )  # fmt: skip
 
 
@@ -199,7 +242,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _export(args) -> int:
-    from el_export.export import export_model, load_checkpoint, load_feature_extractor
+    from el_export.export import check_options, export_model, load_checkpoint, load_feature_extractor
 
     workload_args = {"batch_size": args.batch_size, "num_beams": args.num_beams, "source_len": args.source_len}
     given = {k: v for k, v in workload_args.items() if v is not None}
@@ -207,11 +250,12 @@ def _export(args) -> int:
         flags = [f"--{k.replace('_', '-')}" for k in given] + (["--threads"] if args.threads is not None else [])
         raise InvalidArgumentError(f"{', '.join(flags)} only apply to --mode auto (the workload it times)")
     out = args.out or DEFAULT_OUT / f"{Path(args.model.rstrip('/')).name}-{args.mode}"
+    options = {name: getattr(args, name) for name in ("dtype", "quantize", "opset", "atol", "rtol")}
+    check_options(mode=args.mode, **options)  # before the checkpoint loads
     hf_model, tokenizer = load_checkpoint(args.model)
     manifest = export_model(
-        hf_model, out, mode=args.mode, dtype=args.dtype, opset=args.opset, tokenizer=tokenizer,
-        feature_extractor=load_feature_extractor(args.model), overwrite=args.overwrite, source=args.model,
-        quantize=args.quantize, auto_workload=given, threads=args.threads,
+        hf_model, out, mode=args.mode, tokenizer=tokenizer, feature_extractor=load_feature_extractor(args.model),
+        overwrite=args.overwrite, source=args.model, auto_workload=given, threads=args.threads, **options,
     )  # fmt: skip
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2))
@@ -227,8 +271,7 @@ def _export(args) -> int:
 
 
 def _generate(args) -> int:
-    import el_export
-    from el_export.stream import generate_file, read_records
+    from el_export.stream import JobOutput, Record, check_inputs, generate_batches, generate_file, read_records
 
     if args.batch_size < 1:
         raise InvalidArgumentError("--batch-size must be at least 1")
@@ -238,46 +281,63 @@ def _generate(args) -> int:
         raise InvalidArgumentError("--output streams an --input-file; give the inputs in a file, not as arguments")
     if args.memory_limit is not None and args.memory_limit <= 0:
         raise InvalidArgumentError("--memory-limit must be a positive number of GiB")
-    generator = el_export.load(args.bundle, backend=args.backend)
-    if args.memory_limit is not None:
-        generator.memory_limit = int(args.memory_limit * 2**30)
     kwargs = {**generation_kwargs(args), "truncation": args.truncate}
     if args.output is not None:
-        stats = generate_file(generator, args.input_file, args.output, args.batch_size, progress=sys.stderr.isatty(),
-                              **kwargs)  # fmt: skip
+        with JobOutput(args.output, inputs=args.input_file) as output:  # checked and locked before the bundle loads
+            stats = generate_file(_load_generator(args), args.input_file, output, args.batch_size,
+                                  progress=sys.stderr.isatty(), **kwargs)  # fmt: skip
         print(
             f"{stats.written} written, {stats.skipped} already in {args.output}, {stats.total} inputs", file=sys.stderr
         )
         return 0
-    records = [(None, text) for text in args.text]
+    generator = _load_generator(args)
     if args.input_file is not None:
-        records = list(read_records(args.input_file))
-    per_input = kwargs.get("num_return_sequences", 1)
-    for start in range(0, len(records), args.batch_size):
-        batch = [text for _, text in records[start : start + args.batch_size]]
-        outputs = generator.generate_text(batch, **kwargs)
-        for i, text in enumerate(batch):
-            results = outputs[i * per_input : (i + 1) * per_input]
+        check_inputs(args.input_file, generator, truncation=args.truncate)
+        records = read_records(args.input_file)
+    else:
+        records = (Record(i, i, text) for i, text in enumerate(args.text, start=1))
+    for results in generate_batches(generator, records, args.batch_size, **kwargs):
+        for record, outputs in results:
             if args.json:
-                print(json.dumps({"input": text, "outputs": results}), flush=True)
+                ids = {"id": record.id} if args.input_file is not None else {}
+                print(json.dumps({**ids, "input": record.text, "outputs": outputs}), flush=True)
             else:
-                print("\n".join(results), flush=True)
+                print("\n".join(outputs), flush=True)
     return 0
+
+
+def _load_generator(args):
+    import el_export
+
+    generator = el_export.load(args.bundle, backend=args.backend)
+    if args.memory_limit is not None:
+        generator.memory_limit = int(args.memory_limit * 2**30)
+    return generator
 
 
 def _compare(args) -> int:
     from el_export.compare import compare_bundle
 
-    checks = compare_bundle(
+    report = compare_bundle(
         args.bundle, args.reference, backend=args.backend, batch_size=args.batch_size, num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens, audio=args.audio,
     )  # fmt: skip
     if args.json:
-        print(json.dumps([vars(c) for c in checks], indent=2))
-    else:
-        rows = [(c.name, "PASS" if c.passed else "FAIL", c.detail) for c in checks]
-        _print_table(f"compare {args.bundle} with {args.reference}", ("check", "result", "detail"), rows)
-    return 0 if all(c.passed for c in checks) else 1
+        print(json.dumps(report.to_json(), indent=2))
+        return report.exit_code
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(f"compare {args.bundle} with {args.reference}"), title_justify="left")
+    for column in ("check", "verdict", "detail"):  # wrapped, never cut: the details are the evidence
+        table.add_column(column, overflow="fold", no_wrap=column == "verdict")
+    for c in report.checks:
+        table.add_row(Text(c.name), c.verdict, Text(c.detail))
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(table)
+    console.print(Text(report.summary()))
+    return report.exit_code
 
 
 def _build(args) -> int:
@@ -304,10 +364,7 @@ def _inspect(args) -> int:
 
     manifest = read_manifest(args.bundle)
     dims = manifest.dims
-    source_len = args.source_len or dims["max_positions"] or 512  # relative positions have no limit
-    for name in ("batch_size", "num_beams", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1")
+    source_len = _inspect_source_len(args, manifest)
     workload = Workload(args.batch_size, args.num_beams, source_len, args.max_new_tokens)
     costs = {mode: cache_bytes(mode, dims, workload, manifest.dtype, manifest.kind) for mode in ("el", "kv")}
     if args.json:
@@ -344,6 +401,31 @@ def _inspect(args) -> int:
     return 0
 
 
+def _in_range(flag: str, value: int, high: int, why: str) -> int:
+    if not 1 <= value <= high:
+        raise InvalidArgumentError(f"--{flag} must be from 1 to {high} ({why}), got {value}")
+    return value
+
+
+def _inspect_source_len(args, manifest) -> int:
+    """Check inspect's integer options and resolve the source (or prompt) length: a speech model's is its encoder
+    frames; a position table bounds it, and is the default; relative positions (T5) have none: 512 by default."""
+    int64 = 2**63 - 1
+    for flag in ("batch-size", "num-beams", "max-new-tokens"):
+        _in_range(flag, getattr(args, flag.replace("-", "_")), int64, "an ONNX dimension is int64")
+    if manifest.audio:
+        frames = manifest.graphs["encoder"].output("encoder_hidden").shape[1]
+        if args.source_len is not None:
+            raise InvalidArgumentError(f"a speech model's source is 30 s of audio ({frames} frames); drop --source-len")
+        return frames
+    positions = manifest.dims["max_positions"]
+    if args.source_len is None:
+        return positions or 512
+    if positions is None:
+        return _in_range("source-len", args.source_len, int64, "an ONNX dimension is int64")
+    return _in_range("source-len", args.source_len, positions, f"the model has {positions} positions")
+
+
 def _demo(args) -> int:
     from el_export.cache import human_bytes
     from el_export.demo import run_demo
@@ -369,18 +451,24 @@ def _demo(args) -> int:
 
 def _serve(args) -> int:
     import el_export
-    from el_export.serve import start, wait
+    from el_export.serve import check_can_serve, start, stop_signals, wait
 
     config = serve_config(args)
-    config.check()
-    triton = start(el_export.load(args.bundle, backend=args.backend), config)
-    print(
-        f"serving {args.bundle} as model {config.model_name!r} on http://{config.host}:{config.http_port} "
-        f"and grpc {config.host}:{config.grpc_port} (Ctrl-C or SIGTERM stops)",
-        file=sys.stderr,
-        flush=True,
-    )
-    wait(triton)
+    check_can_serve(config)  # in seconds, before the bundle loads: a taken port, a missing PyTriton
+    with stop_signals() as received:  # a stop while the bundle loads or Triton starts: nothing is left behind
+        server = start(el_export.load(args.bundle, backend=args.backend), config)
+        try:
+            if received:  # its KeyboardInterrupt was raised where Python ignores exceptions
+                raise KeyboardInterrupt
+            print(
+                f"serving {args.bundle} as model {config.model_name!r} on http://{config.host}:{config.http_port} "
+                f"and grpc {config.host}:{config.grpc_port} (Ctrl-C or SIGTERM stops)",
+                file=sys.stderr,
+                flush=True,
+            )
+            wait(server)
+        finally:
+            server.stop()
     return 0
 
 

@@ -4,20 +4,31 @@
    step module it was exported from, on shapes not used at export (B=1, one row, t=0, S=1, and a
    larger batch), with per-output tolerances. For TensorRT: each engine against the same ONNX graph
    in ONNX Runtime, on those shapes brought inside the engine's profile, with the tolerances of the
-   engine's precision.
-2. End to end: `load(bundle).generate` against HF `generate` on the same inputs (batch > 1 with
-   padding, beams > 1): identical token sequences, sequence scores within tolerance.
+   engine's precision. int8 graphs are checked for shapes and finite values only: int8 changes the
+   numbers by design, and the tokens measure by how much.
+2. Speech bundles: the bundle's log-mel features of the clips against the checkpoint's feature extractor's.
+3. End to end: `load(bundle).generate` against HF `generate` on the same inputs (text: a padded batch;
+   speech: audio clips), greedy and beam search.
+
+Verdicts: PASS and FAIL hold float32 to equal token sequences and sequence scores within tolerance.
+Reduced precision (float16 / bfloat16 graphs or engines, int8 weights) may pick other tokens than HF in
+float32 by rounding alone, so its generation checks report agreement instead: AGREE (every sequence
+equal) or DIFFER (with how many sequences differ and from which step), never PASS.
 """
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from el_export.errors import InvalidArgumentError
+from el_export.errors import CheckpointError, InvalidArgumentError
 from el_export.graphs import graphs_for, sample_inputs
-from el_export.tolerance import GRAPH_TOLERANCE, SCORE_TOLERANCE, graph_atol
+from el_export.tokenizer import padding
+from el_export.tolerance import GRAPH_TOLERANCE, SCORE_TOLERANCE, graph_atol, graph_close
 
 COMPARE_SIZES = (
     {"batch": 1, "rows": 1, "source": 1, "past": 0, "prompt": 1, "context": 1},
@@ -30,13 +41,88 @@ SENTENCES = (
     "Short input.",
     "Memory efficient attention keeps one copy of the encoder output per input.",
 )
+TEXT_NEW_TOKENS = 16  # text bundles' default; speech bundles decode whole transcripts (the model's max_length)
+
+PASS, FAIL, AGREE, DIFFER = "PASS", "FAIL", "AGREE", "DIFFER"
+# The exit status of `el-export compare` for each overall verdict (the worst check's, FAIL first).
+EXIT_CODES = {PASS: 0, AGREE: 0, FAIL: 1, DIFFER: 8}
 
 
 @dataclass
 class Check:
+    """One check's verdict, a line for people, and its figures for programs (None where one does not apply)."""
+
     name: str
-    passed: bool
+    verdict: str  # PASS | FAIL | AGREE | DIFFER
     detail: str
+    max_abs_error: float | None = None  # graphs, features: worst |bundle - reference| over outputs and shapes
+    tolerance: dict | None = None  # graphs: {"atol": {output: value}, "rtol": r}; float32 generate: {"score": s}
+    sequences: int | None = None  # generate: sequences compared
+    sequences_differing: int | None = None
+    first_differing_step: int | None = None  # generated tokens before the first that differs (prompt excluded)
+    score_error: float | None = None  # beam search with equal tokens: max |sequences_scores - HF's|
+    transcripts_differing: int | None = None  # speech bundles with a tokenizer
+
+    @property
+    def passed(self) -> bool:
+        return EXIT_CODES[self.verdict] == 0
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+@dataclass
+class Report:
+    """Every check of a bundle against its checkpoint, and the verdict they add up to."""
+
+    bundle: str
+    reference: str
+    precision: str  # "float32", "float16", "bfloat16" (graphs or engines) or "int8" (weights)
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        verdicts = {c.verdict for c in self.checks}
+        return next(v for v in (FAIL, DIFFER, AGREE, PASS) if v in verdicts)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.verdict]
+
+    def summary(self) -> str:
+        """One line: the verdict and the figures behind it."""
+        verdict = self.verdict
+        if verdict == FAIL:
+            return f"FAIL: {', '.join(c.name for c in self.checks if c.verdict == FAIL)}"
+        generation = [c for c in self.checks if c.sequences is not None]
+        total = sum(c.sequences for c in generation)
+        graphs = "int8 graphs well-formed" if self.precision == "int8" else f"graphs within {self.precision} tolerance"
+        if verdict == DIFFER:
+            differing = sum(c.sequences_differing for c in generation)
+            step = min(c.first_differing_step for c in generation if c.sequences_differing)
+            return f"DIFFER: {graphs}; tokens differ on {differing} of {total} sequences, first at step {step}"
+        scores = f", scores within {SCORE_TOLERANCE:.0e}" if verdict == PASS else ""
+        return f"{verdict}: {graphs}; tokens equal HF generate's on all {total} sequences{scores}"
+
+    def to_json(self) -> dict:
+        return {
+            "bundle": self.bundle,
+            "reference": self.reference,
+            "precision": self.precision,
+            "verdict": self.verdict,
+            "exit_code": self.exit_code,
+            "summary": self.summary(),
+            "checks": [c.to_json() for c in self.checks],
+        }
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The same inputs for both sides: keyword arguments of the bundle's and of HF's `generate`."""
+
+    ours: dict
+    reference: dict
+    label: str  # "batch 3", "4 clips"
 
 
 def _torch_runner(module: torch.nn.Module, graph):
@@ -103,6 +189,13 @@ def engine_dtype(manifest) -> str:
     return PRECISIONS[manifest.engines["precision"]]
 
 
+def precision_of(manifest, backend: str = "onnxruntime") -> str:
+    """What a bundle's numbers are held to: "int8" for int8 weights, else the dtype its graphs (engines) compute in."""
+    if manifest.quantization:
+        return manifest.quantization
+    return engine_dtype(manifest) if backend == "tensorrt" else manifest.dtype
+
+
 def _within_profile(sizes: dict, axes: dict) -> dict:
     """Compare sizes moved inside an engine profile's axis ranges, keeping rows = batch x beams and
     context = prompt + past."""
@@ -121,31 +214,42 @@ def compare_graphs(bundle_dir, manifest, model: torch.nn.Module, backend: str = 
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.colors = False
-    G_LOGGER.module_severity = G_LOGGER.CRITICAL  # the table below reports the outcome
     checks = []
     for graph in graphs_for(model, manifest.mode):
         runners, dtype, shapes = _graph_runners(backend, bundle_dir, manifest, graph)
-        tol = GRAPH_TOLERANCE[dtype]
         feeds = [
             OrderedDict(
                 (s.name, t.numpy()) for s, t in zip(graph.inputs, sample_inputs(graph, sizes, seed=7), strict=True)
             )
             for sizes in shapes
         ]
-        results = Comparator.run(runners, data_loader=feeds)
-        reference = results[1][1]
-        atol = {s.name: graph_atol([r[s.name] for r in reference], dtype) for s in graph.outputs}
-        accuracy = Comparator.compare_accuracy(
-            results, compare_func=CompareFunc.simple(atol=atol, rtol=tol["rtol"], check_shapes=True)
-        )
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # the checks report the outcome
+            results = Comparator.run(runners, data_loader=feeds)
         worst = _worst_error(results)
-        bounds = ", ".join(f"{name} atol {value:.1e}" for name, value in atol.items())
+        name = f"graph {graph.name} ({backend} vs {'onnxruntime' if backend == 'tensorrt' else 'torch'})"
+        if manifest.quantization:
+            verdict = PASS if _well_formed(results) else FAIL
+            detail = (
+                f"{len(feeds)} shapes, max abs error {worst:.2e} vs float32 PyTorch; int8 weights: shapes and "
+                "finite values checked, the tokens below measure the accuracy"
+            )
+            checks.append(Check(name, verdict, detail, max_abs_error=worst))
+            continue
+        tol = GRAPH_TOLERANCE[dtype]
+        width = manifest.dims["d_model"]
+        atol = {s.name: graph_atol([r[s.name] for r in results[1][1]], dtype, width) for s in graph.outputs}
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+            accuracy = Comparator.compare_accuracy(
+                results, compare_func=CompareFunc.simple(atol=atol, rtol=tol["rtol"], check_shapes=True)
+            )
+        bounds = ", ".join(f"{output} atol {value:.1e}" for output, value in atol.items())
         checks.append(
             Check(
-                f"graph {graph.name} ({backend} vs {'onnxruntime' if backend == 'tensorrt' else 'torch'})",
-                bool(accuracy),
+                name,
+                PASS if accuracy else FAIL,
                 f"{len(feeds)} shapes, max abs error {worst:.2e} ({bounds}, rtol {tol['rtol']})",
+                max_abs_error=worst,
+                tolerance={"atol": atol, "rtol": tol["rtol"]},
             )
         )
     return checks
@@ -162,64 +266,169 @@ def _worst_error(results) -> float:
     return worst
 
 
-def compare_generation(generator, hf_model, *, batch_size: int = 3, num_beams: int = 4, max_new_tokens: int = 16):
-    """`generate` of the bundle vs HF `generate` on the same padded batch: greedy and beam search."""
-    input_ids, attention_mask = _inputs(generator, batch_size)
-    checks = []
+def _well_formed(results) -> bool:
+    """Every output of the bundle's runs has the reference's shape and only finite values."""
+    (_, ours), (_, reference) = results[0], results[1]
+    return all(
+        out[name].shape == ref[name].shape and np.isfinite(out[name]).all()
+        for out, ref in zip(ours, reference, strict=True)
+        for name in ref
+    )
+
+
+@contextmanager
+def _quiet_transformers():
+    """HF `generate`'s notes on the reference run (max_length beside max_new_tokens, ...) are not findings of
+    compare; transformers' verbosity is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def compare_generation(
+    generator,
+    hf_model,
+    inputs: Inputs,
+    *,
+    num_beams: int = 4,
+    max_new_tokens: int | None = TEXT_NEW_TOKENS,
+    precision: str = "float32",
+) -> list[Check]:
+    """`generate` of the bundle vs HF `generate` on the same inputs: greedy and beam search.
+
+    Args:
+        max_new_tokens: None: the model's own max_length (speech: whole transcripts).
+        precision: what the bundle's numbers are held to (`precision_of`): float32 gives PASS / FAIL,
+            anything else AGREE / DIFFER.
+    """
     settings = [("greedy", {"num_beams": 1})]
     if num_beams > 1:
-        settings.append(
-            (
-                f"beam {num_beams}",
-                {"num_beams": num_beams, "num_return_sequences": min(2, num_beams), "length_penalty": 0.8},
-            )
-        )
+        beam = {"num_beams": num_beams, "length_penalty": 0.8}
+        if not generator.manifest.audio:  # HF's Whisper returns its best hypothesis k times, not the k best
+            beam["num_return_sequences"] = min(2, num_beams)
+        settings.append((f"beam {num_beams}", beam))
+    decode = generator.tokenizer.decode if generator.manifest.audio and generator.tokenizer is not None else None
+    pad, _ = padding(generator.manifest)  # what HF fills finished sequences with
+    checks = []
     for label, kwargs in settings:
-        kwargs = {**kwargs, "max_new_tokens": max_new_tokens}
-        ours = generator.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        with torch.no_grad():
-            ref = hf_model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                return_dict_in_generate=True,
-                output_scores=True,
-                **kwargs,
-            )
-        same = ours.sequences.shape == ref.sequences.shape and torch.equal(ours.sequences.cpu(), ref.sequences)
-        detail = f"batch {batch_size}, {ours.sequences.shape[0]} sequences of {ours.sequences.shape[1]} tokens"
-        passed = same
-        if same and ours.sequences_scores is not None:
-            err = float((ours.sequences_scores.cpu() - ref.sequences_scores).abs().max())
-            passed = err <= SCORE_TOLERANCE
-            detail += f", scores max abs error {err:.1e}"
-        elif not same:
-            detail += f", first differing sequence: {_first_difference(ours.sequences.cpu(), ref.sequences)}"
-        checks.append(Check(f"generate {label} (tokens == HF generate)", passed, detail))
+        if max_new_tokens is not None:
+            kwargs = {**kwargs, "max_new_tokens": max_new_tokens}
+        ours = generator.generate(**inputs.ours, **kwargs)
+        with _quiet_transformers(), torch.no_grad():
+            ref = hf_model.generate(**inputs.reference, return_dict_in_generate=True, output_scores=True, **kwargs)
+        checks.append(_generation_check(f"generate {label} (tokens vs HF generate)", ours, ref, inputs.label,
+                                        precision, pad, decode))  # fmt: skip
     return checks
 
 
-def _inputs(generator, batch_size: int):
+def _generation_check(name: str, ours, ref, label: str, precision: str, pad: int | None, decode=None) -> Check:
+    got, expected = ours.sequences.cpu(), ref.sequences
+    prompt_length = expected.shape[1] - len(ref.scores)  # HF: sequences are the prompt, then one token per score
+    sequences, differing, step = token_agreement(got, expected, prompt_length, pad)
+    figures = {"sequences": sequences, "sequences_differing": differing, "first_differing_step": step}
+    detail = f"{label}, {sequences} sequences of up to {got.shape[1]} tokens"
+    if differing:
+        where = _first_difference(got, expected, pad)
+        detail += f": tokens differ on {differing} of {sequences}, first at step {step} ({where})"
+    else:
+        detail += ": tokens equal"
+        if ours.sequences_scores is not None and ref.get("sequences_scores") is not None:
+            figures["score_error"] = float((ours.sequences_scores.cpu() - ref.sequences_scores).abs().max())
+            bound = f"tolerance {SCORE_TOLERANCE:.0e}" if precision == "float32" else f"not bounded in {precision}"
+            detail += f", scores max abs error {figures['score_error']:.1e} ({bound})"
+    if decode is not None:
+        texts = sum(a != b for a, b in zip(decode(got), decode(expected), strict=False))
+        figures["transcripts_differing"] = texts
+        detail += f"; transcripts differ on {texts} of {sequences}" if texts else "; transcripts equal"
+    if precision == "float32":
+        ok = not differing and figures.get("score_error", 0.0) <= SCORE_TOLERANCE
+        verdict, tolerance = (PASS if ok else FAIL), {"score": SCORE_TOLERANCE}
+    else:
+        verdict, tolerance, detail = (DIFFER if differing else AGREE), None, f"{precision}: {detail}"
+    return Check(name, verdict, detail, tolerance=tolerance, **figures)
+
+
+def token_agreement(
+    ours: torch.Tensor, reference: torch.Tensor, prompt_length: int, pad: int | None = None
+) -> tuple[int, int, int | None]:
+    """(sequences, sequences that differ, generated tokens before the first difference or None) of two [N, L]
+    id tensors. Trailing `pad` tokens are not compared: a batch is as wide as its longest sequence, so one
+    sequence that differs in length changes the width of every other. A sequence missing from one side, or
+    longer on it, differs."""
+    different = _differences(ours, reference, pad)
+    differing = int(different.any(dim=1).sum())
+    if not differing:
+        return different.shape[0], 0, None
+    return different.shape[0], differing, max(0, int(different.any(dim=0).nonzero()[0]) - prompt_length)
+
+
+def _differences(a: torch.Tensor, b: torch.Tensor, pad: int | None) -> torch.Tensor:
+    """bool [N, L]: where two id tensors differ, trailing pads and the cells past either's shape being -1 (no token)."""
+    rows, width = max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1])
+    padded = [torch.full((rows, width), -1, dtype=torch.int64) for _ in (a, b)]
+    for out, ids in zip(padded, (a, b), strict=True):
+        is_pad = ids == pad if pad is not None else torch.zeros_like(ids, dtype=torch.bool)
+        trailing = is_pad.flip(1).int().cumprod(dim=1).flip(1).bool()  # [n, l]: pads after a row's last token
+        out[: ids.shape[0], : ids.shape[1]] = ids.masked_fill(trailing, -1)
+    return padded[0] != padded[1]
+
+
+def _first_difference(a: torch.Tensor, b: torch.Tensor, pad: int | None) -> str:
+    row = int(_differences(a, b, pad).any(dim=1).nonzero()[0])
+    ours, hf = (ids[row].tolist() if row < ids.shape[0] else "no sequence" for ids in (a, b))
+    return f"row {row}: {ours} vs HF {hf}"
+
+
+def _text_inputs(generator, batch_size: int) -> Inputs:
+    """The tokenizer's sentences, or (no tokenizer) seeded random ids, in a batch padded differently per input."""
     if generator.tokenizer is not None:
         texts = [SENTENCES[i % len(SENTENCES)] for i in range(batch_size)]
-        return generator.tokenizer.encode(texts, max_length=generator.max_source_positions, truncation=True)
-    vocab = generator.manifest.dims["encoder_vocab_size"]
-    g = torch.Generator().manual_seed(0)
-    S = min(12, generator.max_source_positions or 12)
-    input_ids = torch.randint(4, vocab, (batch_size, S), generator=g)
-    mask = torch.ones_like(input_ids)
-    for i in range(1, batch_size):  # a different amount of padding per input
-        mask[i, max(1, S - 3 * i) :] = 0
-    if generator.manifest.kind == "decoder-only":  # prompts are left-padded
-        mask = mask.flip(1)
-    input_ids[mask == 0] = generator.manifest.special_tokens.get("pad_token_id") or 0
-    return input_ids, mask
+        input_ids, mask = generator.tokenizer.encode(texts, max_length=generator.max_source_positions, truncation=True)
+    else:
+        g = torch.Generator().manual_seed(0)
+        S = min(12, generator.max_source_positions or 12)
+        input_ids = torch.randint(4, generator.manifest.source_vocab_size, (batch_size, S), generator=g)
+        mask = torch.ones_like(input_ids)
+        for i in range(1, batch_size):  # a different amount of padding per input
+            mask[i, max(1, S - 3 * i) :] = 0
+        if generator.manifest.kind == "decoder-only":  # prompts are left-padded
+            mask = mask.flip(1)
+        input_ids[mask == 0] = generator.manifest.special_tokens.get("pad_token_id") or 0
+    feeds = {"input_ids": input_ids, "attention_mask": mask}
+    return Inputs(feeds, feeds, f"batch {batch_size}")
 
 
-def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
-    if a.shape != b.shape:
-        return f"shapes {list(a.shape)} vs {list(b.shape)}"
-    row = int((a != b).any(dim=1).nonzero()[0])
-    return f"row {row}: {a[row].tolist()} vs HF {b[row].tolist()}"
+def _speech_inputs(generator, reference: str, audio: list) -> tuple[Inputs, Check]:
+    """The clips for both sides: the bundle reads the files itself, HF gets the checkpoint's feature extractor's
+    features; a check compares the two sets of features."""
+    from el_export import speech
+    from el_export.audio import load_audio
+    from el_export.export import load_feature_extractor
+
+    extractor = load_feature_extractor(reference)
+    if extractor is None:
+        raise CheckpointError(
+            f"{reference} has no feature extractor (preprocessor_config.json); save the model's "
+            "WhisperFeatureExtractor there (feature_extractor.save_pretrained(...)) to compare a speech bundle"
+        )
+    paths = [str(p) for p in audio]
+    ours = speech.features(generator.manifest, generator.mel_filters, audio=paths)  # InputError: unreadable, too long
+    waves = [load_audio(p, extractor.sampling_rate) for p in paths]
+    with _quiet_transformers():
+        theirs = extractor(waves, sampling_rate=extractor.sampling_rate, return_tensors="pt").input_features
+    close = graph_close(ours.numpy(), theirs.numpy(), "float32", width=1)  # no sums over a model width here
+    error, detail = close.error, f"{len(paths)} clips, {close}"
+    if ours.shape != theirs.shape:  # another chunk length or mel count than the bundle's
+        error, detail = None, f"{len(paths)} clips, features {list(ours.shape)} vs the extractor's {list(theirs.shape)}"
+    tolerance = {"atol": {"input_features": close.atol}, "rtol": close.rtol}
+    name = "features (bundle log-mel vs the checkpoint's feature extractor)"
+    check = Check(name, PASS if close.ok else FAIL, detail, max_abs_error=error, tolerance=tolerance)
+    return Inputs({"audio": paths}, {"input_features": theirs}, f"{len(paths)} clips"), check
 
 
 def compare_bundle(
@@ -229,37 +438,62 @@ def compare_bundle(
     backend: str = "onnxruntime",
     batch_size: int = 3,
     num_beams: int = 4,
-    max_new_tokens: int = 16,
-) -> list[Check]:
+    max_new_tokens: int | None = None,
+    audio: list | None = None,
+) -> Report:
     """All checks of a bundle against the checkpoint it was exported from.
 
-    Raises:
-        BundleError, CheckpointError, UnsupportedModelError, BackendError: as `load` and export do.
-    """
-    from pathlib import Path
+    Args:
+        batch_size: text bundles: inputs in the padded batch.
+        max_new_tokens: None: 16 for text bundles, the model's max_length for speech (whole transcripts).
+        audio: speech bundles: WAV/FLAC files to transcribe (default: the clips shipped in el_export/clips).
 
+    Returns:
+        The checks, their verdict and its exit status (`Report.exit_code`: 0 PASS / AGREE, 1 FAIL, 8 DIFFER).
+
+    Raises:
+        InvalidArgumentError: bad counts, --audio for a text bundle, a reference of another family or shape.
+        BundleError, CheckpointError, UnsupportedModelError, BackendError, InputError: as `load`, export and
+            `generate` do.
+    """
     import el_export
-    from el_export.export import load_checkpoint
+    from el_export.demo import CLIPS
+    from el_export.export import describe, load_checkpoint
     from el_export.families import build_from_hf, cast
 
-    if batch_size < 1 or num_beams < 1 or max_new_tokens < 1:
+    if batch_size < 1 or num_beams < 1 or (max_new_tokens is not None and max_new_tokens < 1):
         raise InvalidArgumentError("--batch-size, --num-beams and --max-new-tokens must be at least 1")
     generator = el_export.load(bundle_dir, backend=backend)
+    manifest = generator.manifest
+    if audio is not None and not manifest.audio:
+        raise InvalidArgumentError(f"--audio is for speech bundles; {bundle_dir} is a {manifest.family} text model")
+    if audio is not None and not audio:
+        raise InvalidArgumentError("--audio needs at least one file")
     hf_model, _ = load_checkpoint(reference)
     model, family = build_from_hf(hf_model)
-    if family.name != generator.manifest.family:
+    if family.name != manifest.family:
         raise InvalidArgumentError(
-            f"the bundle is a {generator.manifest.family} model but {reference} is {family.name}; "
+            f"the bundle is a {manifest.family} model but {reference} is {family.name}; "
             "compare a bundle with the checkpoint it was exported from"
         )
-    cast(model, family, generator.manifest.dtype)
-    checks = compare_graphs(Path(bundle_dir), generator.manifest, model, backend=backend)
-    generation = compare_generation(
-        generator, hf_model, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens
-    )
-    dtype = engine_dtype(generator.manifest) if backend == "tensorrt" else generator.manifest.dtype
-    if dtype != "float32":  # fp16 rounding may pick other tokens than HF in fp32
-        for check in generation:
-            check.detail = f"{'equal' if check.passed else 'differs'} (informational for {dtype})"
-            check.passed = True
-    return checks + generation
+    dims = describe(hf_model, graphs_for(model, manifest.mode), family).dims
+    changed = [k for k in dims if dims[k] != manifest.dims.get(k)]
+    if changed:
+        k = changed[0]
+        raise InvalidArgumentError(
+            f"the bundle's {k} is {manifest.dims.get(k)} but {reference}'s is {dims[k]}; "
+            "compare a bundle with the checkpoint it was exported from"
+        )
+    checks = []
+    if manifest.audio:
+        inputs, features = _speech_inputs(generator, reference, audio or sorted(CLIPS.iterdir()))
+        checks.append(features)
+    else:
+        inputs = _text_inputs(generator, batch_size)
+        max_new_tokens = max_new_tokens or TEXT_NEW_TOKENS
+    cast(model, family, manifest.dtype)
+    report = Report(str(bundle_dir), reference, precision_of(manifest, backend))
+    report.checks = compare_graphs(Path(bundle_dir), manifest, model, backend=backend) + checks
+    report.checks += compare_generation(generator, hf_model, inputs, num_beams=num_beams,
+                                        max_new_tokens=max_new_tokens, precision=report.precision)  # fmt: skip
+    return report

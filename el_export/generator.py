@@ -1,17 +1,25 @@
 """`load(bundle).generate(...)`: inputs in, HF-`generate`-shaped outputs out, from the bundle alone."""
 
 import json
+import numbers
 import os
 from pathlib import Path
 
 import torch
 
 from el_export import memory, speech
-from el_export.bundle import Manifest, read_manifest
-from el_export.errors import BundleError, InputError, InvalidArgumentError, ResourceError
+from el_export.bundle import Manifest, read_file, read_manifest
+from el_export.errors import BundleError, InputError, InvalidArgumentError, ResourceError, first_line
 from el_export.runtime import make_backend
 from el_export.search import SearchOutput, concat_outputs, generate_ids, resolve_options
 from el_export.tokenizer import Tokenizer
+
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+def _longest(attention_mask: torch.Tensor | None) -> int:
+    """The index of the input with the most tokens (the one that sets the padded length)."""
+    return 0 if attention_mask is None else int(attention_mask.sum(dim=1).argmax())
 
 
 class Generator:
@@ -31,25 +39,41 @@ class Generator:
     def from_bundle(
         cls, bundle_dir: str | os.PathLike, backend: str = "onnxruntime", verify: bool = True, **options
     ) -> "Generator":
+        """Load a bundle. Each file used is read once and run from the bytes checked against its sha256 (with
+        `verify`), so a file changed during the load is refused or never used; every listed file must be a
+        plain file in the bundle.
+
+        Raises:
+            BundleError: the bundle is missing, changed, malformed, or does not match its graphs.
+            BackendError: the backend is missing or cannot load the graphs.
+        """
         bundle_dir = Path(bundle_dir)
-        manifest = read_manifest(bundle_dir, verify=verify)
-        backend = make_backend(backend, bundle_dir, manifest, **options)
+        manifest = read_manifest(bundle_dir, verify=verify, hash_files=False)  # hashed below, as read
+        backend = make_backend(backend, bundle_dir, manifest, verify=verify, **options)
         mel_filters = None
         if manifest.audio:  # JSON: a bundle holds nothing that can carry code (no pickle, no npy objects)
+            name = manifest.audio["mel_filters"]
             try:
-                values = json.loads((bundle_dir / manifest.audio["mel_filters"]).read_text())
+                values = json.loads(read_file(bundle_dir, manifest, name, verify))
                 mel_filters = torch.tensor(values, dtype=torch.float32)
-            except (ValueError, TypeError) as e:
-                raise BundleError(f"{manifest.audio['mel_filters']} is not a matrix of numbers ({e})") from None
+            except (ValueError, TypeError, RecursionError) as e:  # not JSON, not UTF-8, ragged, nested too deeply
+                raise BundleError(f"{name} is not a matrix of numbers ({first_line(e)})") from None
             if mel_filters.dim() != 2 or mel_filters.shape[1] != manifest.audio["n_mels"]:
-                raise BundleError(
-                    f"{manifest.audio['mel_filters']} has shape {list(mel_filters.shape)}, not [*, n_mels]"
-                )
-        return cls(manifest, backend, Tokenizer.from_bundle(bundle_dir, manifest), mel_filters)
+                raise BundleError(f"{name} has shape {list(mel_filters.shape)}, not [*, n_mels]")
+        return cls(manifest, backend, Tokenizer.from_bundle(bundle_dir, manifest, verify), mel_filters)
 
     @property
     def max_source_positions(self) -> int | None:
-        """The model's position limit; None for relative positions (T5), which have no table to run past."""
+        """The longest source: input tokens (a decoder-only prompt), or for speech the encoder's frames (Whisper's
+        max_source_positions); None for relative positions (T5), which have no table to run past."""
+        if self.manifest.audio:
+            return self.manifest.graphs["encoder"].output("encoder_hidden").shape[1]
+        return self.manifest.dims["max_positions"]
+
+    @property
+    def max_target_positions(self) -> int | None:
+        """The decoder's position limit, which max_length may not pass (Whisper's max_target_positions; the
+        shared table of the other families); None for relative positions."""
         return self.manifest.dims["max_positions"]
 
     def generate(
@@ -80,8 +104,9 @@ class Generator:
             SearchOutput with `.sequences`, `.sequences_scores` (beam search), `.scores`, `.beam_indices`.
 
         Raises:
-            InputError: empty input, token ids outside the vocabulary, too long for the model.
+            InputError: empty input, token ids outside the vocabulary, too long for the model, non-finite audio.
             InvalidArgumentError: invalid generation arguments.
+            ResourceError: one input's encoder activations or decoder state cannot fit in memory, even alone.
         """
         with self.backend.generating():
             return self._generate(input_ids, attention_mask, decoder_input_ids, input_features, audio, language, task,
@@ -106,20 +131,45 @@ class Generator:
         )
         if start is None:
             raise InvalidArgumentError("the bundle has no decoder_start_token_id; pass decoder_start_token_id=...")
-        prompt = torch.full((B, 1), start, dtype=torch.int64)
-        if decoder_input_ids is not None:
-            given = torch.as_tensor(decoder_input_ids, dtype=torch.int64).reshape(B, -1)
-            prompt = given if (given[:, 0] == start).all() else torch.cat([prompt, given], dim=1)
+        prompt = self._decoder_prompt(decoder_input_ids, B, start)
         options = self._options(defaults, prompt.shape[1], True, kwargs)
         device = self.backend.device
 
-        def run(rows: slice) -> SearchOutput:
+        def run(rows: slice, encoder_chunk: int) -> SearchOutput:
             mask = attention_mask[rows].to(device)
-            encoded = self.encode({"input_ids": input_ids[rows].to(device), "attention_mask": mask})
+            feeds = {"input_ids": input_ids[rows].to(device), "attention_mask": mask}
+            encoded = self._run_chunked("encoder", feeds, encoder_chunk)
             decoder = self.backend.make_decoder({**encoded, "encoder_mask": mask})
             return generate_ids(decoder, prompt[rows].to(device), options)
 
-        return self._in_chunks(B, options, input_ids.shape[1], run)
+        return self._in_chunks(B, options, input_ids.shape[1], run, _longest(attention_mask))
+
+    def _decoder_prompt(self, decoder_input_ids, batch: int, start) -> torch.Tensor:
+        """int64 [B, P]: decoder_start_token_id, then decoder_input_ids unless they already start with it. The ids
+        are checked here, as the decoder's embedding would read past its table (or wrap a negative id) unasked."""
+        vocab = self.manifest.dims["vocab_size"]
+        if isinstance(start, bool) or not isinstance(start, numbers.Integral) or not 0 <= start < vocab:
+            raise InvalidArgumentError(f"`decoder_start_token_id` must be a token id in [0, {vocab}), got {start!r}")
+        prompt = torch.full((batch, 1), start, dtype=torch.int64)
+        if decoder_input_ids is None:
+            return prompt
+        try:
+            given = torch.as_tensor(decoder_input_ids)
+        except (TypeError, ValueError, RuntimeError) as e:  # not numbers, ragged, or past int64
+            raise InputError(
+                f"decoder_input_ids must be a rectangular [batch, length] array of ids ({first_line(e)})"
+            ) from None
+        if given.dim() == 1:
+            given = given[None]
+        if given.dim() != 2 or given.shape[0] != batch or given.shape[1] == 0 or given.dtype not in _INTEGER_DTYPES:
+            raise InputError(
+                f"decoder_input_ids must be integer [{batch}, length >= 1], one row per input, got {given.dtype} "
+                f"{list(given.shape)}"
+            )
+        given = given.to(torch.int64).cpu()
+        if given.min() < 0 or given.max() >= vocab:
+            raise InputError(f"decoder_input_ids holds ids outside the decoder's vocabulary [0, {vocab})")
+        return given if (given[:, 0] == start).all() else torch.cat([prompt, given], dim=1)
 
     def _generate_speech(self, input_features, audio, language, task, kwargs) -> SearchOutput:
         """Whisper, short-form: the encoder over 30 s of features, then the decoder from HF's prompt."""
@@ -129,8 +179,8 @@ class Generator:
         frames = self.manifest.graphs["encoder"].output("encoder_hidden").shape[1]
         longest_prompt = 4  # [sot, language, task, no_timestamps]: for the memory estimate
 
-        def run(rows: slice) -> SearchOutput:
-            encoded = self.encode({"input_features": features[rows].to(device)})
+        def run(rows: slice, encoder_chunk: int) -> SearchOutput:
+            encoded = self._run_chunked("encoder", {"input_features": features[rows].to(device)}, encoder_chunk)
             B, S = encoded["encoder_hidden"].shape[:2]
             context = {**encoded, "encoder_mask": torch.ones(B, S, dtype=torch.int64, device=device)}
             sot = torch.full((B, 1), defaults["decoder_start_token_id"], device=device)
@@ -143,19 +193,22 @@ class Generator:
         estimate = self._options(defaults, longest_prompt, True, kwargs)
         return self._in_chunks(features.shape[0], estimate, frames, run)
 
-    def _in_chunks(self, batch: int, options, source_len: int, run) -> SearchOutput:
-        """Run `run(rows)` over chunks of inputs whose decoder state fits in memory (see `memory.py`)."""
+    def _in_chunks(self, batch: int, options, source_len: int, run, longest: int = 0) -> SearchOutput:
+        """Run `run(rows, encoder_chunk)` over chunks of inputs whose decoder state fits in memory, each encoded
+        (or prefilled) `encoder_chunk` inputs at a time so that the activations fit too (see `memory.py`). Both are
+        checked before any graph runs; `longest` is the input a refusal names."""
         rows_per_input = max(options.num_beams, options.num_return_sequences)
         per_input = memory.bytes_per_input(self.manifest, rows_per_input, source_len, options.max_length)
         chunk = memory.inputs_per_chunk(batch, per_input, self.memory_limit, self.backend.device)
+        encoder_chunk = self._inputs_per_encoder_call(chunk, source_len, longest)
         if chunk >= batch:
-            return run(slice(0, batch))
+            return run(slice(0, batch), encoder_chunk)
         if options.output_scores:
             raise ResourceError(
                 f"{batch} inputs do not fit in memory at once ({chunk} do) and output_scores cannot be joined across "
                 "chunks; pass fewer inputs per call"
             )
-        return concat_outputs([run(slice(i, i + chunk)) for i in range(0, batch, chunk)], options)
+        return concat_outputs([run(slice(i, i + chunk), encoder_chunk) for i in range(0, batch, chunk)], options)
 
     def _defaults(self) -> dict:
         defaults = {**self.manifest.special_tokens, **self.manifest.generation_defaults}
@@ -166,41 +219,60 @@ class Generator:
         options = self._options(defaults, input_ids.shape[1], False, kwargs)
         device = self.backend.device
 
-        def run(rows: slice) -> SearchOutput:
+        def run(rows: slice, prefill_chunk: int) -> SearchOutput:
             ids, mask = input_ids[rows].to(device), attention_mask[rows].to(device)
-            prefill = self.backend.run("prefill", {"input_ids": ids, "attention_mask": mask})
+            prefill = self._run_chunked("prefill", {"input_ids": ids, "attention_mask": mask}, prefill_chunk)
             next_position = mask.sum(dim=1, keepdim=True)  # HF: positions count attended tokens
             context = {**prefill, "prompt_mask": mask, "position_ids": next_position}
             return generate_ids(self.backend.make_decoder(context), ids, options, prompt_mask=mask)
 
-        return self._in_chunks(input_ids.shape[0], options, input_ids.shape[1], run)
+        return self._in_chunks(input_ids.shape[0], options, input_ids.shape[1], run, _longest(attention_mask))
 
     def _options(self, defaults: dict, prompt_length: int, is_encoder_decoder: bool, kwargs: dict):
         options = resolve_options(
             defaults,
             prompt_length=prompt_length,
             is_encoder_decoder=is_encoder_decoder,
-            max_position_embeddings=self.max_source_positions,
+            max_position_embeddings=self.max_target_positions,
             **kwargs,
         )
-        if self.max_source_positions is not None and options.max_length > self.max_source_positions:
+        if self.max_target_positions is not None and options.max_length > self.max_target_positions:
             raise InvalidArgumentError(
-                f"max_length {options.max_length} is past the decoder's {self.max_source_positions} positions; "
+                f"max_length {options.max_length} is past the decoder's {self.max_target_positions} positions; "
                 "lower max_new_tokens / max_length"
             )
         return options
 
     def encode(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run the encoder graph, in chunks of `encoder_batch_size` inputs when set."""
+        """Run the encoder graph, in chunks of inputs whose activations fit in memory (and of at most
+        `encoder_batch_size`, when set).
+
+        Raises:
+            ResourceError: one input's encoder activations cannot fit.
+        """
         B = next(iter(feeds.values())).shape[0]
-        chunk = self.encoder_batch_size or B
+        if "input_features" in feeds:  # speech: the encoder attends over its fixed frames
+            length, longest = self.manifest.graphs["encoder"].output("encoder_hidden").shape[1], 0
+        else:
+            length, longest = feeds["input_ids"].shape[1], _longest(feeds.get("attention_mask"))
+        return self._run_chunked("encoder", feeds, self._inputs_per_encoder_call(B, length, longest))
+
+    def _inputs_per_encoder_call(self, batch: int, source_len: int, longest: int) -> int:
+        chunk = memory.inputs_per_encoder_call(
+            self.manifest, batch, source_len, self.memory_limit, self.backend.device, longest
+        )
+        return min(chunk, self.encoder_batch_size or batch)
+
+    def _run_chunked(self, graph_name: str, feeds: dict[str, torch.Tensor], chunk: int) -> dict[str, torch.Tensor]:
+        """Run the encoder (or prefill) graph `chunk` inputs at a time; outputs joined along their batch axis."""
+        B = next(iter(feeds.values())).shape[0]
         parts = [
-            self.backend.run("encoder", {name: t[i : i + chunk] for name, t in feeds.items()})
+            self.backend.run(graph_name, {name: t[i : i + chunk] for name, t in feeds.items()})
             for i in range(0, B, chunk)
         ]
         if len(parts) == 1:
             return parts[0]
-        outputs = self.manifest.graphs["encoder"].outputs
+        outputs = self.manifest.graphs[graph_name].outputs
         return {s.name: torch.cat([p[s.name] for p in parts], dim=s.shape.index("batch")) for s in outputs}
 
     def generate_text(self, texts, truncation: bool = False, **kwargs) -> list[str]:
@@ -226,7 +298,7 @@ class Generator:
             raise InputError(f"input_ids must be a rectangular [batch, length] array of token ids ({e})") from None
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        if input_ids.dim() != 2 or input_ids.dtype not in _INTEGER_DTYPES:
             raise InputError(
                 f"input_ids must be integer [batch, length], got {input_ids.dtype} {list(input_ids.shape)}"
             )
@@ -238,14 +310,22 @@ class Generator:
             raise InputError(
                 f"inputs are {S} tokens but the model takes at most {self.max_source_positions}; truncate them"
             )
-        vocab = self.manifest.dims["encoder_vocab_size"] or self.manifest.dims["vocab_size"]  # decoder-only: 0
+        vocab = self.manifest.source_vocab_size
         if input_ids.min() < 0 or input_ids.max() >= vocab:
             raise InputError(f"input_ids holds ids outside the vocabulary [0, {vocab})")
         if attention_mask is None:
             attention_mask = self._default_mask(input_ids)
-        attention_mask = torch.as_tensor(attention_mask).to(torch.int64).cpu()
+        try:
+            attention_mask = torch.as_tensor(attention_mask)
+        except (TypeError, ValueError, RuntimeError) as e:  # not numbers, ragged, or past int64
+            raise InputError(
+                f"attention_mask must be a rectangular [batch, length] array of 0 and 1 ({first_line(e)})"
+            ) from None
         if attention_mask.shape != input_ids.shape:
             raise InputError(f"attention_mask {list(attention_mask.shape)} does not match input_ids {[B, S]}")
+        if ((attention_mask != 0) & (attention_mask != 1)).any():  # HF masks any value but 1; the graphs differ
+            raise InputError("attention_mask must hold only 0 (padding) and 1 (a token)")
+        attention_mask = attention_mask.to(torch.int64).cpu()
         if (attention_mask.sum(dim=1) == 0).any():
             raise InputError("an input has an all-zero attention_mask (no tokens); remove it or give tokens")
         return input_ids, attention_mask

@@ -7,28 +7,42 @@ across users; requests with different parameters form separate groups, each one 
 every input on its own (only padding depends on the neighbours), so each answer equals `generate` on
 that input alone: the runner crops each input's rows back to what that call would return.
 
-`serve` / `start` run the runner in PyTriton; `el_export.triton_repo` runs the same runner in a Triton
-Python-backend model. Requests carry inputs as tensors and generation arguments as Triton request
-parameters (HF names: num_beams, max_new_tokens, ...).
+`serve` / `start` run the Triton server that ships in the PyTriton wheel with a Python-backend model
+(`el_export.triton_forward`) that forwards each batch to this process, where the runner answers it;
+`el_export.triton_repo` runs the same runner inside a Triton Python-backend model. Requests carry inputs
+as tensors and generation arguments as Triton request parameters (HF names: num_beams, max_new_tokens,
+...). A refused request gets its own one-line error (HTTP 400, gRPC INVALID_ARGUMENT); its neighbours
+in the batch get their answers.
 """
 
+import contextlib
+import errno
 import math
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
-from dataclasses import dataclass
+import threading
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Listener
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from el_export.audio import load_audio
-from el_export.errors import BackendError, ElExportError, InputError, InvalidArgumentError
+from el_export.errors import BackendError, ElExportError, InputError, InvalidArgumentError, first_line
 from el_export.tokenizer import pad_ids, padding
 
 
@@ -71,6 +85,31 @@ def model_inputs(manifest) -> tuple[TensorSpec, ...]:
     return SPEECH_INPUTS if manifest.audio else TEXT_INPUTS
 
 
+@dataclass(frozen=True)
+class RequestCaps:
+    """The most one request may ask for, so that no client makes the server search or tokenize without bound.
+    Each is refused in one line that names its flag (`serve` and `triton-repo` take the same ones)."""
+
+    max_num_beams: int = 16  # num_beams and num_return_sequences: rows per input
+    max_new_tokens: int = 512
+    max_text_bytes: int = 262_144  # per text input, UTF-8, checked before tokenizing
+
+    FLAGS: ClassVar[dict[str, str]] = {"max_num_beams": "--max-num-beams", "max_new_tokens": "--max-new-tokens-limit",
+                                       "max_text_bytes": "--max-text-bytes"}  # fmt: skip
+
+    def check(self) -> None:
+        """Raises InvalidArgumentError for a cap below 1."""
+        for name, flag in self.FLAGS.items():
+            if getattr(self, name) < 1:
+                raise InvalidArgumentError(f"{flag} must be at least 1, got {getattr(self, name)}")
+
+    def refuse(self, name: str, value: int, cap_name: str) -> InvalidArgumentError:
+        """The one-line error for `name` = `value` over the cap `cap_name`."""
+        cap, flag = getattr(self, cap_name), self.FLAGS[cap_name]
+        return InvalidArgumentError(f"{name} {value} is over this server's limit of {cap}; ask for at most {cap}, "
+                                    f"or start the server with a higher {flag}")  # fmt: skip
+
+
 @dataclass
 class _Request:
     items: list  # per input: token ids (list[int]) or mono float32 samples
@@ -83,10 +122,12 @@ class BatchRunner:
 
     Args:
         generator: a loaded `Generator` (thread-safe: one runner may serve several model instances).
+        caps: the most one request may ask for (default: `RequestCaps()`).
     """
 
-    def __init__(self, generator):
+    def __init__(self, generator, caps: RequestCaps | None = None):
         self.generator = generator
+        self.caps = caps or RequestCaps()
         manifest = generator.manifest
         self.speech = bool(manifest.audio)
         self.decoder_only = manifest.kind == "decoder-only"
@@ -105,7 +146,7 @@ class BatchRunner:
 
         Returns:
             Per request, its output tensors by name (`OUTPUTS`, batch axis first), or the error that
-            refused it. One request's error never fails another.
+            refused it (without traceback). One request's error never fails another.
         """
         results: list[dict | ElExportError | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
@@ -114,7 +155,7 @@ class BatchRunner:
             try:
                 parsed[i] = self._parse(data, parameters or {}, i)
             except ElExportError as e:
-                results[i] = e
+                results[i] = _detached(e)
                 continue
             groups.setdefault(parsed[i].key, []).append(i)
         for members in groups.values():
@@ -122,20 +163,20 @@ class BatchRunner:
                 answers = self._search([parsed[i] for i in members])
             except ElExportError as e:
                 if len(members) == 1:
-                    results[members[0]] = e
+                    results[members[0]] = _detached(e)
                     continue
                 answers = []  # find the request at fault: the others still get their answers
                 for i in members:
                     try:
                         answers.extend(self._search([parsed[i]]))
                     except ElExportError as alone:
-                        answers.append(alone)
+                        answers.append(_detached(alone))
             for i, answer in zip(members, answers, strict=True):
                 results[i] = answer
         return results
 
     def _parse(self, data: dict, parameters: dict, index: int) -> _Request:
-        kwargs = _check_parameters(parameters)
+        kwargs = _check_parameters(parameters, self.caps)
         truncation = kwargs.pop("truncation", False)
         names = sorted(name for name, value in data.items() if value is not None)
         kinds = ("audio", "samples") if self.speech else ("text", "input_ids")
@@ -161,6 +202,12 @@ class BatchRunner:
         tokenizer = self.generator.tokenizer
         if tokenizer is None:
             raise InvalidArgumentError("this bundle has no tokenizer: send input_ids instead of text")
+        cap = self.caps.max_text_bytes
+        for value in values[:, 0]:  # before decoding or tokenizing: both cost memory in proportion
+            size = len(value) if isinstance(value, bytes) else len(str(value).encode())
+            if size > cap:
+                raise InputError(f"a text input is {size} bytes, over this server's limit of {cap}; send "
+                                 "less text, or start the server with a higher --max-text-bytes")  # fmt: skip
         texts = [_utf8(value) for value in values[:, 0]]
         max_length = self.generator.max_source_positions
         return [tokenizer.encode([text], max_length=max_length, truncation=truncation)[0][0].tolist() for text in texts]
@@ -244,8 +291,16 @@ class BatchRunner:
         }
 
 
-def _check_parameters(parameters: dict) -> dict:
-    """Request parameters -> generation arguments, with every unknown name or wrong type refused."""
+def _detached(error: ElExportError) -> ElExportError:
+    """`error` without its traceback and chained errors. Kept past its `except` block (in the results), those
+    hold the failed call's frames, whose locals (a long text's token ids) a reference cycle through the
+    results then keeps alive until a full garbage collection, which big allocations of ints never trigger."""
+    error.__traceback__ = error.__context__ = error.__cause__ = None
+    return error
+
+
+def _check_parameters(parameters: dict, caps: RequestCaps) -> dict:
+    """Request parameters -> generation arguments, with every unknown name, wrong type or value over a cap refused."""
     unknown = sorted(set(parameters) - set(PARAMETERS))
     if unknown:
         raise InvalidArgumentError(f"unknown parameter {', '.join(unknown)}; known: {', '.join(PARAMETERS)}")
@@ -256,6 +311,10 @@ def _check_parameters(parameters: dict) -> dict:
     kwargs = dict(parameters)
     if isinstance(kwargs.get("early_stopping"), str) and kwargs["early_stopping"] != "never":
         raise InvalidArgumentError("parameter early_stopping must be true, false or 'never'")
+    for name, cap in (("num_beams", "max_num_beams"), ("num_return_sequences", "max_num_beams"),
+                      ("max_new_tokens", "max_new_tokens")):  # fmt: skip
+        if kwargs.get(name, 0) > getattr(caps, cap):
+            raise caps.refuse(name, kwargs[name], cap)
     return kwargs
 
 
@@ -266,12 +325,12 @@ def _utf8(value) -> str:
         raise InputError("text inputs must be UTF-8") from None
 
 
-# --- serving through PyTriton ---------------------------------------------------------------------------
+# --- serving: Triton in front, this process answering ------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Where and how `serve` listens and batches."""
+    """Where and how `serve` listens and batches, and what one request may ask for."""
 
     model_name: str = "el-export"
     host: str = "127.0.0.1"
@@ -281,8 +340,9 @@ class ServeConfig:
     max_batch_size: int = 8  # inputs per model call
     max_queue_delay_us: int = 5000  # how long a request waits for others to batch with
     dynamic_batching: bool = True  # False: every request runs on its own
-    instances: int = 1  # model instances (threads sharing the one loaded generator)
-    log_file: Path | None = None  # the Triton server's log; None: the console
+    instances: int = 1  # model instances (stub processes, answered by the one loaded generator)
+    log_file: Path | None = None  # the Triton server's log; None: warnings and errors on the console
+    caps: RequestCaps = field(default_factory=RequestCaps)
 
     def check(self) -> None:
         """Raises InvalidArgumentError for values Triton would refuse later, less clearly."""
@@ -295,101 +355,230 @@ class ServeConfig:
             raise InvalidArgumentError("the HTTP, gRPC and metrics ports must differ")
         if self.max_batch_size < 1 or self.instances < 1 or self.max_queue_delay_us < 0:
             raise InvalidArgumentError("max batch size and instances must be at least 1, the queue delay at least 0")
+        self.caps.check()
+
+    def ports(self) -> dict[str, int]:
+        """The ports to listen on, by the flag that sets each."""
+        return {"--port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
 
 
-def start(generator, config: ServeConfig | None = None):
-    """Start serving `generator` through Triton (PyTriton) in the background.
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """Raises InvalidArgumentError, naming the port and its flag (the keys of `ports`), when one cannot be listened
+    on: taken by another process, privileged, or `host` not an address of this machine. Triton itself would wait
+    two minutes for a server that never comes up."""
+    for flag, port in ports.items():
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as e:
+            raise InvalidArgumentError(f"--host {host}: not an address to listen on ({first_line(e)})") from None
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton binds: TIME_WAIT is no obstacle
+            try:
+                s.bind(address)
+            except OSError as e:
+                message = _BIND_ERRORS.get(e.errno, "cannot listen on {host} port {port} ({flag}): {error}")
+                message = message.format(port=port, flag=flag, host=host, error=first_line(e))
+                raise InvalidArgumentError(message) from None
 
-    Args:
-        generator: a loaded `Generator`.
-        config: addresses, batching and instances (default: `ServeConfig()`).
 
-    Returns:
-        The running `pytriton.triton.Triton`; call `.stop()` (or use it as a context manager).
+_BIND_ERRORS = {
+    errno.EADDRINUSE: "port {port} ({flag}) is in use on {host}: stop what listens there, or choose another {flag}",
+    errno.EACCES: "port {port} ({flag}) needs privileges on {host}: choose one above 1023 with {flag}",
+    errno.EADDRNOTAVAIL: "--host {host} is not an address of this machine: use 127.0.0.1 (this machine only) or "
+    "0.0.0.0 (every interface)",
+}
+
+
+def check_can_serve(config: ServeConfig) -> None:
+    """Everything `start` needs but the generator, checked in seconds (before a bundle loads).
 
     Raises:
-        BackendError: PyTriton is not installed, or its Python-backend stub cannot run this interpreter.
-        InvalidArgumentError: an invalid configuration.
+        InvalidArgumentError: an invalid configuration, or a port that cannot be listened on.
+        BackendError: PyTriton (which ships the Triton server) is missing, or its stub cannot run this Python.
     """
-    config = config or ServeConfig()
     config.check()
     try:
-        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-        from pytriton.triton import Triton, TritonConfig
+        import pytriton  # noqa: F401  (the Triton server binary and its Python backend come in its wheel)
     except ImportError as e:
         raise BackendError(f"serving needs PyTriton ({e.name} is missing): pip install 'el-export[serve]'") from None
     check_python_stub()
-    runner = BatchRunner(generator)
-    inputs = [Tensor(name=s.name, dtype=_NUMPY[s.dtype], shape=s.shape, optional=True)
-              for s in model_inputs(generator.manifest)]  # fmt: skip
-    outputs = [Tensor(name=s.name, dtype=_NUMPY[s.dtype], shape=s.shape) for s in OUTPUTS]
-    batcher = None  # no dynamic batcher: Triton runs each request on its own
-    if config.dynamic_batching:
-        batcher = DynamicBatcher(max_queue_delay_microseconds=config.max_queue_delay_us)
-    host = config.host
-    server = TritonConfig(
-        http_address=host, http_port=config.http_port, grpc_address=host, grpc_port=config.grpc_port,
-        metrics_address=host, metrics_port=config.metrics_port, exit_timeout_secs=5, log_verbose=0,
-        log_file=config.log_file,
-    )  # fmt: skip
-    triton = Triton(config=server)
-    try:
-        triton.bind(
-            model_name=config.model_name,
-            infer_func=[_pytriton_infer(runner) for _ in range(config.instances)],
-            inputs=inputs,
-            outputs=outputs,
-            config=ModelConfig(max_batch_size=config.max_batch_size, batcher=batcher),
-        )
-        triton.run()
-    except BaseException:
-        triton.stop()
-        raise
-    return triton
+    check_ports_free(config.host, config.ports())
+
+
+def start(generator, config: ServeConfig | None = None) -> "Server":
+    """Start serving `generator` through Triton in the background; returns once the model is ready.
+
+    Call it from a thread that outlives the server (the main thread): Triton follows the thread that started
+    it when that thread ends, a crash included.
+
+    Args:
+        generator: a loaded `Generator`.
+        config: addresses, batching, instances and request caps (default: `ServeConfig()`).
+
+    Returns:
+        The running `Server`; call `.stop()` (or use it as a context manager).
+
+    Raises:
+        BackendError: PyTriton is not installed, its Python-backend stub cannot run this interpreter, or Triton
+            exited or was not ready in time (the message ends with its last log lines).
+        InvalidArgumentError: an invalid configuration, or a port that cannot be listened on.
+    """
+    config = config or ServeConfig()
+    check_can_serve(config)
+    return Server(BatchRunner(generator, config.caps), config)
 
 
 def serve(generator, config: ServeConfig | None = None) -> None:
-    """Serve `generator` until SIGINT or SIGTERM: `start`, then `wait`. Raises as they do."""
-    wait(start(generator, config))
+    """Serve `generator` until SIGINT or SIGTERM: `start`, then `wait`. Raises as they do (KeyboardInterrupt for
+    a signal before the server is up: what `start` made is gone by then)."""
+    with stop_signals() as received:
+        server = start(generator, config)
+        try:
+            if received:  # its KeyboardInterrupt was raised where Python ignores exceptions
+                raise KeyboardInterrupt
+            wait(server)
+        finally:
+            server.stop()
 
 
-def wait(triton) -> None:
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """Inside, SIGINT and SIGTERM raise KeyboardInterrupt in the main thread (a SIGTERM would otherwise end
+    the process on the spot, leaving what `start` made); yields the list of the signals received."""
+    received: list[int] = []
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def wait(server: "Server") -> None:
     """Block until SIGINT or SIGTERM, then stop the server `start` returned.
 
     Raises:
         BackendError: Triton stopped without being asked to (its log says why).
     """
-    stopping = []
-
-    def interrupt(signum, frame):
-        stopping.append(signum)
-        raise KeyboardInterrupt
-
-    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        triton.serve()  # returns when Triton or the model stops, or (stopping it) on KeyboardInterrupt
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        triton.stop()
-    if not stopping:
-        raise BackendError("the Triton server stopped on its own; its log says why")
+    with stop_signals() as received:
+        try:
+            status = server.wait()
+        except KeyboardInterrupt:
+            if not received:
+                raise
+        finally:
+            server.stop()
+    if not received:
+        raise BackendError(f"the Triton server stopped on its own (exit status {status}); its log says why")
 
 
-_NUMPY = {"bytes": np.bytes_, "int64": np.int64, "float32": np.float32}
+FORWARDING_MODEL_PY = '''"""Triton Python-backend model written by `el-export serve`: batches go to the server."""
+
+from el_export.triton_forward import ForwardingModel as TritonPythonModel  # noqa: F401  (Triton looks it up here)
+'''
+
+READY_TIMEOUT_S = 120.0  # Triton up and every model instance connected
 
 
-def _pytriton_infer(runner: BatchRunner):
-    """A PyTriton inference callable over `runner` (one per model instance)."""
+class Server:
+    """Triton (HTTP, gRPC, metrics, the dynamic batcher) with a Python-backend model whose instances forward
+    each batch over a Unix socket to this process, where `runner` answers it: the loaded bundle is shared by
+    every instance. `stop()` ends it; it is also a context manager.
 
-    def infer(requests):
-        results = runner([(request.data, request.parameters) for request in requests])
-        errors = [f"request {i + 1} of {len(results)}: {r}" for i, r in enumerate(results) if isinstance(r, Exception)]
-        if errors:  # PyTriton answers a whole batch with one error: name the request(s) at fault
-            raise InvalidArgumentError("; ".join(errors))
-        return results
+    Args:
+        runner: answers the batches.
+        config: addresses, batching, instances, the log.
 
-    return infer
+    Raises:
+        BackendError: Triton exited or was not ready within `READY_TIMEOUT_S` (with its last log lines).
+    """
+
+    def __init__(self, runner: BatchRunner, config: ServeConfig):
+        from el_export.triton_repo import TritonProcess, model_config
+
+        self.config, self._triton, self._listener, self._stopped = config, None, None, False
+        self._root = Path(tempfile.mkdtemp(prefix="el-export-serve-"))  # 0700: the socket, its key in the config
+        self._address, self._authkey = str(self._root / "runner.sock"), secrets.token_bytes(32)
+        try:  # whatever stops the start (a signal included) removes what it made
+            if len(self._address.encode()) > 107:  # a Unix socket's path: 108 bytes with its NUL
+                raise BackendError(f"{tempfile.gettempdir()} is too long a path for a Unix socket: set TMPDIR to "
+                                   "a shorter directory (/tmp)")  # fmt: skip
+            self._listener = Listener(self._address, family="AF_UNIX", authkey=self._authkey)
+            threading.Thread(target=self._accept, args=(runner,), name="el-export-accept", daemon=True).start()
+            model_dir = self._root / "models" / config.model_name
+            (model_dir / "1").mkdir(parents=True)
+            (model_dir / "1" / "model.py").write_text(FORWARDING_MODEL_PY, encoding="utf-8")
+            parameters = {"el_export_address": self._address, "el_export_authkey": self._authkey.hex()}
+            text = model_config(model_inputs(runner.generator.manifest), config, parameters)
+            (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
+            self._triton = TritonProcess(self._root / "models", config.host, config.http_port, config.grpc_port,
+                                         metrics_port=config.metrics_port, log=config.log_file)  # fmt: skip
+            self._triton.wait_ready(f"/v2/models/{config.model_name}/ready", READY_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait(self) -> int:
+        """Block until Triton exits; its exit status."""
+        return self._triton.process.wait()
+
+    def stop(self) -> None:
+        """Stop Triton (in-flight requests finish first), then this side: the socket and the repository."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._triton is not None:
+            self._triton.stop()
+        if self._listener is not None:
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as wake:  # the accepting thread: ends
+                wake.connect(self._address)  # (no handshake: this side never waits for one)
+            self._listener.close()
+        shutil.rmtree(self._root, ignore_errors=True)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop()
+
+    def _accept(self, runner: BatchRunner) -> None:
+        """One thread per model instance that connects, until the server stops."""
+        while not self._stopped:
+            try:
+                connection = self._listener.accept()
+            except (OSError, EOFError, AuthenticationError):  # a client without the key, or `stop` waking this
+                continue
+            if self._stopped:
+                connection.close()
+                return
+            threading.Thread(target=_answer_batches, args=(runner, connection), daemon=True).start()
+
+
+def _answer_batches(runner: BatchRunner, connection) -> None:
+    """One model instance's batches, until it disconnects: outputs, a one-line message per refused request, or
+    None for a bug in el-export (the batch fails with a 500; the traceback goes to this process's stderr, and
+    the server goes on serving the other batches)."""
+    with connection:
+        while True:
+            try:
+                batch = connection.recv()
+            except (EOFError, OSError):
+                return
+            try:
+                replies = [r if isinstance(r, dict) else str(r) for r in runner(batch)]
+            except Exception:
+                traceback.print_exc()
+                replies = None
+            del batch  # the inputs (a long text) go now, not with the next batch
+            try:
+                connection.send(replies)
+            except OSError:
+                return
 
 
 # --- the Python-backend stub must match this interpreter ---------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from el_export.audio import FeatureSpec, load_audio, log_mel
-from el_export.errors import InputError, InvalidArgumentError
+from el_export.errors import InputError, InvalidArgumentError, first_line
 
 
 def features(manifest, mel_filters: torch.Tensor | None, input_features=None, audio=None):
@@ -25,14 +25,20 @@ def features(manifest, mel_filters: torch.Tensor | None, input_features=None, au
         items = [audio] if isinstance(audio, str | Path | np.ndarray) else list(audio)
         if not items:
             raise InputError("no audio was given")
-        waves = [load_audio(a, spec.sampling_rate) if isinstance(a, str | Path) else np.asarray(a) for a in items]
-        input_features = log_mel(waves, spec, mel_filters)
-    input_features = torch.as_tensor(input_features, dtype=torch.float32)
+        waves = [load_audio(a, spec.sampling_rate) if isinstance(a, str | Path) else a for a in items]
+        names = [f"audio {i} ({a})" if isinstance(a, str | Path) else f"audio {i}" for i, a in enumerate(items)]
+        input_features = log_mel(waves, spec, mel_filters, names)
+    try:
+        input_features = torch.as_tensor(input_features, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as e:  # not numbers, or ragged
+        raise InputError(f"input_features must be a float array [batch, mels, frames] ({first_line(e)})") from None
     if input_features.dim() != 3 or tuple(input_features.shape[1:]) != (spec.n_mels, frames):
         raise InputError(
             f"input_features must be [batch, {spec.n_mels}, {frames}] (30 s of log-mel frames), "
             f"got {list(input_features.shape)}"
         )
+    if not torch.isfinite(input_features).all():
+        raise InputError("input_features holds NaN or infinite values; compute them from finite audio")
     return input_features
 
 

@@ -1,18 +1,33 @@
 """Long runs that lose nothing: stream an input file through a generator into a JSONL output, resumably.
 
-Inputs are read lazily (text lines, or JSONL objects with "text" and an optional "id"; for speech
-bundles the text is an audio path). Each result is one JSON line, written whole and flushed, with an
-fsync per batch. On restart, records already in the output are kept and their inputs skipped; a last
-line cut off by a crash is removed first. Memory stays bounded by one batch.
+Inputs are read lazily, twice: once to check every line before anything runs, once to generate (text
+lines, or JSONL objects with "text" and an optional "id"; for speech bundles the text is an audio path).
+The output starts with a header naming what produced it (the bundle's manifest sha256 and the
+generation settings); each record carries its input's sha256. A job locks its output, so a second job
+on it is refused; each batch is one write of whole lines and an fsync, cut back if the write fails.
+On restart the header and every kept record are checked against this run (same bundle, settings and
+inputs), and a last line cut off by a crash is removed first. Memory: one batch, plus the ids (and
+input hashes) of the records.
 """
 
+import contextlib
+import errno
+import fcntl
+import hashlib
+import itertools
 import json
 import os
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from el_export.errors import InvalidArgumentError
+from el_export.bundle import MANIFEST
+from el_export.errors import InputError, InvalidArgumentError
+
+JOB_FORMAT = 1
+_HEADER_KEY = "el_export_job"
+_HEADER_PREFIX = b'{"' + _HEADER_KEY.encode() + b'"'  # how every header line starts (json.dumps keeps key order)
 
 
 @dataclass
@@ -22,93 +37,419 @@ class StreamStats:
     written: int
 
 
-def read_records(path: Path) -> Iterator[tuple[str, str]]:
-    """(id, text) per non-empty line; ids are the JSONL "id" field or the line number."""
-    if not path.is_file():
-        raise InvalidArgumentError(f"input file {path} does not exist")
+@dataclass(frozen=True)
+class Record:
+    """One input: its line in the file, its id (the JSONL "id", JSON type kept, or the line number), its text."""
+
+    line: int
+    id: str | int
+    text: str
+
+    @property
+    def key(self) -> str:
+        """The id as JSON: 1 and "1" are different ids."""
+        return json.dumps(self.id)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+def read_records(path: Path) -> Iterator[Record]:
+    """One Record per non-blank line, each checked; a bad line is an InputError naming FILE:LINE.
+
+    Raises:
+        InvalidArgumentError: the file is missing, unreadable or not a regular file.
+        InputError: a line is not UTF-8, not a JSON object with a string "text", has an id that is not a
+            string or an integer, or an empty text.
+    """
     jsonl = path.suffix == ".jsonl"
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with _open_input(path) as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(
+                    f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             if not jsonl:
-                yield str(number), line.rstrip("\n")
+                yield _checked(Record(number, number, line.rstrip("\r\n")), where)
                 continue
-            try:
-                record = json.loads(line)
-                text = record["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise InvalidArgumentError(f"{path}:{number}: expected a JSON object with 'text' ({e})") from None
-            if not isinstance(text, str):
-                raise InvalidArgumentError(f"{path}:{number}: 'text' must be a string")
-            yield str(record.get("id", number)), text
+            value = _parse_json(line, where)
+            if not isinstance(value, dict):
+                raise InputError(f'{where}: expected a JSON object with "text", got {_json_type(value)}')
+            if "text" not in value:
+                raise InputError(f'{where}: no "text" field; each line must be {{"text": ..., "id": ...}}')
+            if not isinstance(value["text"], str):
+                raise InputError(f'{where}: "text" must be a string, not {_json_type(value["text"])}')
+            record_id = value.get("id", number)
+            if isinstance(record_id, bool) or not isinstance(record_id, str | int):
+                raise InputError(f'{where}: "id" must be a string or an integer, not {_json_type(record_id)}')
+            yield _checked(Record(number, record_id, value["text"]), where)
 
 
-def completed_ids(output: Path) -> set[str]:
-    """Ids already written; a trailing partial line (a crash mid-write) is cut off first."""
-    if not output.exists():
-        return set()
-    data = output.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):  # the last record was not finished: drop it, it will be redone
-        with open(output, "r+b") as f:
-            f.truncate(end)
-    ids = set()
-    for number, line in enumerate(data[:end].splitlines(), start=1):
+def check_inputs(path: Path, generator, truncation: bool = False, written: dict[str, str] | None = None) -> int:
+    """Read the whole input file once, before anything runs: every line valid, ids unique, each input within
+    the model's positions (unless truncating) and, resuming, each written record's input unchanged and present.
+
+    Args:
+        written: id key -> input sha256 of the records already in the output.
+
+    Returns:
+        The number of records.
+    """
+    written = written or {}
+    lines: dict[str, int] = {}  # id key -> line
+    limit = generator.max_source_positions
+    count_tokens = not (truncation or limit is None or generator.manifest.audio or generator.tokenizer is None)
+    for record in read_records(path):
+        if record.key in lines:
+            raise InputError(
+                f"{path}:{record.line}: id {record.key} is also the id of line {lines[record.key]}; ids must be "
+                "unique (a resumed run finds records by id)"
+            )
+        lines[record.key] = record.line
+        if record.key in written:
+            if written[record.key] != record.sha256:
+                raise InputError(
+                    f"the input of record id {record.key} changed ({path}:{record.line} is not the input it was "
+                    "generated from); restore it, or use another --output"
+                )
+            continue
+        if count_tokens:
+            tokens = generator.tokenizer.encode([record.text])[0].shape[1]  # no limit given: the length alone
+            if tokens > limit:
+                raise InputError(
+                    f"{path}:{record.line}: input is {tokens} tokens but the model takes at most {limit}; "
+                    "shorten it or pass --truncate to cut it"
+                )
+    for key in written:
+        if key not in lines:
+            raise InputError(
+                f"the output holds record id {key}, which is not in {path}: it was written from another input "
+                "file; use that --input-file, or another --output"
+            )
+    return len(lines)
+
+
+def generate_batches(
+    generator, records: Iterable[Record], batch_size: int, **kwargs
+) -> Iterator[list[tuple[Record, list[str]]]]:
+    """(record, its outputs) for each batch of `batch_size` records: one generate call per batch."""
+    per_input = kwargs.get("num_return_sequences", 1)
+    records = iter(records)
+    while batch := list(itertools.islice(records, batch_size)):
+        results = generator.generate_text([r.text for r in batch], **kwargs)
+        yield [(r, results[i * per_input : (i + 1) * per_input]) for i, r in enumerate(batch)]
+
+
+class JobOutput:
+    """The JSONL output of one job: a regular file, opened and locked so a second job on it is refused.
+
+    Open it before loading the bundle (a bad path or a busy output fails at once); a file this job created
+    and left empty is removed on close.
+
+    Raises:
+        InvalidArgumentError: the path is not a regular file or a new file in an existing directory, is the
+            input file itself, cannot be opened for writing, or is locked by another job.
+    """
+
+    def __init__(self, path: Path, inputs: Path | None = None):
+        self.path = Path(path)
+        _check_output_path(self.path, inputs)
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK  # non-blocking: a FIFO swapped in never hangs
         try:
-            ids.add(str(json.loads(line)["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
+            try:
+                self.fd, self.created = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                self.fd, self.created = os.open(self.path, flags), False
+        except OSError as e:
             raise InvalidArgumentError(
-                f"{output}:{number} is not a record written by el-export; use another --output"
+                f"cannot write --output {self.path} ({e.strerror}); choose a writable location"
             ) from None
-    return ids
+        try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):  # replaced after the check above
+                raise InvalidArgumentError(f"--output {self.path} is not a regular file; give a file path")
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _same_file(os.fstat(self.fd), self.path):  # removed by a job that just finished with it
+                raise InvalidArgumentError(f"--output {self.path} was removed while it was opened; rerun")
+        except BlockingIOError:
+            self.created = False  # not locked: the file is the other job's
+            self.close()
+            pid = _flock_holder(self.path)
+            by = f" (pid {pid})" if pid else ""
+            raise InvalidArgumentError(
+                f"{self.path} is being written by another el-export job{by}; wait for it to finish or use another "
+                "--output"
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+        self._header: bytes | None = None  # set by resume()
+
+    def __enter__(self) -> "JobOutput":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        if self.created and os.fstat(self.fd).st_size == 0:  # nothing written: leave nothing behind
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = -1
+
+    def resume(self, job: dict) -> dict[str, str]:
+        """Check the output against this job and return its records (id key -> input sha256).
+
+        A last line cut off by a crash is removed. An empty output gets the header with its first records.
+
+        Raises:
+            InvalidArgumentError: the output is not a job output, an older el-export's, or was written from
+                another bundle or other generation settings.
+        """
+        self._header = (json.dumps({_HEADER_KEY: job}) + "\n").encode()
+        done: dict[str, str] = {}
+        with os.fdopen(os.dup(self.fd), "rb") as f:  # a duplicate: closing it keeps the lock
+            f.seek(0)
+            first = f.readline()
+            if not first.endswith(b"\n"):  # empty, or one unfinished line
+                if not (_HEADER_PREFIX.startswith(first) or first.startswith(_HEADER_PREFIX)):
+                    raise InvalidArgumentError(f"{self.path} is not an el-export job output; use another --output")
+                os.ftruncate(self.fd, 0)  # this job's first write, cut off by a crash
+                return done
+            header = self._read_header(first)
+            end = len(first)
+            for number, line in enumerate(f, start=2):
+                if not line.endswith(b"\n"):  # the last record was not finished: drop it, it will be redone
+                    os.ftruncate(self.fd, end)
+                    break
+                key, sha = self._read_record(line, number)
+                if key in done:
+                    raise InvalidArgumentError(
+                        f"{self.path}:{number}: record id {key} appears twice; the file was changed outside "
+                        "el-export: use another --output"
+                    )
+                done[key] = sha
+                end += len(line)
+        if not done:  # a header alone holds no results: start afresh, whatever this run's settings
+            os.ftruncate(self.fd, 0)
+            return done
+        self._check_job(header, job)
+        return done
+
+    def append(self, records: list[tuple[Record, list[str]]]) -> None:
+        """Append records (after the header, if the output is empty) as one write of whole lines and an fsync;
+        on any failure the file is cut back to what it held."""
+        assert self._header is not None, "resume() the output before appending to it"
+        size = os.fstat(self.fd).st_size
+        lines = [
+            json.dumps({"id": r.id, "input_sha256": r.sha256, "input": r.text, "outputs": outputs}, ensure_ascii=False)
+            + "\n"
+            for r, outputs in records
+        ]
+        data = memoryview((self._header if size == 0 else b"") + "".join(lines).encode("utf-8"))
+        try:
+            while data:
+                data = data[os.write(self.fd, data) :]
+            os.fsync(self.fd)
+        except BaseException as e:  # ENOSPC, EIO, or an interrupt between two writes: keep whole records only
+            with contextlib.suppress(OSError):  # should this fail too, a resumed run cuts the unfinished line
+                os.ftruncate(self.fd, size)
+            if isinstance(e, OSError):
+                raise InvalidArgumentError(
+                    f"writing {self.path} failed ({e.strerror or errno.errorcode.get(e.errno, e)}); the records "
+                    "before this batch are kept: free space (or fix the file system) and rerun to resume"
+                ) from None
+            raise
+
+    def _read_header(self, line: bytes) -> dict:
+        try:
+            value = json.loads(line)
+        except (ValueError, RecursionError):
+            value = None
+        header = value.get(_HEADER_KEY) if isinstance(value, dict) else None
+        if isinstance(header, dict):
+            return header
+        if isinstance(value, dict) and "id" in value and "outputs" in value:
+            raise InvalidArgumentError(
+                f"{self.path} was written by an older el-export (no job header: it cannot be checked "
+                "against this run); move it away or use another --output"
+            )
+        raise InvalidArgumentError(f"{self.path} is not an el-export job output; use another --output")
+
+    def _check_job(self, header: dict, job: dict) -> None:
+        if header.get("format") != JOB_FORMAT:
+            raise InvalidArgumentError(
+                f"{self.path} is job format {header.get('format')!r}; this el-export reads format {JOB_FORMAT}: "
+                "use the el-export that wrote it, or another --output"
+            )
+        if header.get("bundle_sha256") != job["bundle_sha256"]:
+            raise InvalidArgumentError(
+                f"{self.path} was written from another bundle (manifest sha256 {str(header.get('bundle_sha256'))[:12]}"
+                f", this one's {job['bundle_sha256'][:12]}); resume it with that bundle, or use another --output"
+            )
+        old, new = header.get("generation"), json.loads(json.dumps(job["generation"]))
+        if old != new:
+            old = old if isinstance(old, dict) else {}
+            key = next(k for k in sorted({*old, *new}) if old.get(k) != new.get(k))
+            raise InvalidArgumentError(
+                f"{self.path} was written with {key}={old.get(key, 'unset')}, this run has "
+                f"{key}={new.get(key, 'unset')}; resume with the settings it was written with, or use another --output"
+            )
+
+    def _read_record(self, line: bytes, number: int) -> tuple[str, str]:
+        try:
+            value = json.loads(line)
+        except (ValueError, RecursionError):
+            value = None
+        record_id = value.get("id") if isinstance(value, dict) else None
+        if isinstance(record_id, bool) or not isinstance(record_id, str | int) or "input_sha256" not in value:
+            raise InvalidArgumentError(
+                f"{self.path}:{number} is not a record written by el-export; use another --output"
+            )
+        return json.dumps(record_id), value["input_sha256"]
 
 
 def generate_file(
-    generator, inputs: Path, output: Path, batch_size: int, progress: bool = True, **kwargs
+    generator, inputs: Path, output: JobOutput, batch_size: int, progress: bool = True, **kwargs
 ) -> StreamStats:
     """Generate for every input record not yet in `output`, appending one JSON line per input.
 
+    Every input is checked (and, resuming, the output against this run) before anything is generated.
+
     Args:
         generator: a loaded `Generator`.
-        inputs, output: the input file and the JSONL output (created, or resumed).
+        inputs: the input file.
+        output: the open JSONL output (new, or resumed).
         batch_size: inputs per search batch.
-        **kwargs: generation arguments (HF names).
+        **kwargs: generation arguments (HF names, and `truncation`).
+
+    Raises:
+        InputError: a bad input line, duplicate ids, an input too long, or an input changed since it was written.
+        InvalidArgumentError: the output does not match this run, or writing it failed (whole records are kept).
     """
     if batch_size < 1:
         raise InvalidArgumentError("--batch-size must be at least 1")
-    done = completed_ids(output)
-    total = sum(1 for _ in read_records(inputs))
-    per_input = kwargs.get("num_return_sequences", 1)
-    stats = StreamStats(total=total, skipped=0, written=0)
-    bar = _progress(total, enabled=progress)
-    with bar, open(output, "a", encoding="utf-8") as out:
-        task = bar.add_task("generating", total=total)
-        batch: list[tuple[str, str]] = []
-
-        def flush():
-            texts = [text for _, text in batch]
-            results = generator.generate_text(texts, **kwargs)
-            for i, (record_id, text) in enumerate(batch):
-                line = {"id": record_id, "input": text, "outputs": results[i * per_input : (i + 1) * per_input]}
-                out.write(json.dumps(line, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-            stats.written += len(batch)
-            bar.advance(task, len(batch))
-            batch.clear()
-
-        for record_id, text in read_records(inputs):
-            if record_id in done:
-                stats.skipped += 1
-                bar.advance(task)
-                continue
-            batch.append((record_id, text))
-            if len(batch) == batch_size:
-                flush()
-        if batch:
-            flush()
+    manifest = Path(generator.backend.bundle_dir) / MANIFEST
+    job = {
+        "format": JOB_FORMAT,
+        "bundle_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),  # the manifest hashes every file
+        "generation": dict(sorted(kwargs.items())),
+    }
+    done = output.resume(job)
+    total = check_inputs(inputs, generator, kwargs.get("truncation", False), written=done)
+    stats = StreamStats(total=total, skipped=len(done), written=0)
+    with _progress(total, enabled=progress) as bar:
+        task = bar.add_task("generating", total=total, completed=len(done))
+        todo = (r for r in read_records(inputs) if r.key not in done)
+        for results in generate_batches(generator, todo, batch_size, **kwargs):
+            output.append(results)
+            stats.written += len(results)
+            bar.advance(task, len(results))
     return stats
+
+
+def _open_input(path: Path):
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"input file {path} does not exist") from None
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot read --input-file {path} ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise InvalidArgumentError(
+            f"--input-file {path} is {_file_kind(mode)}, not a regular file (it is read twice: to check, then to "
+            "generate); save the inputs to a file"
+        )
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot read --input-file {path} ({e.strerror})") from None
+
+
+def _check_output_path(path: Path, inputs: Path | None) -> None:
+    """A regular file, or a new name in an existing directory; never the input file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if not path.absolute().parent.is_dir():
+            raise InvalidArgumentError(
+                f"--output {path}: directory {path.absolute().parent} does not exist; create it or choose another path"
+            ) from None
+        return
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot write --output {path} ({e.strerror}); choose a writable location") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidArgumentError(
+            f"--output {path} is {_file_kind(st.st_mode)}, not a regular file; give a file path (to print the "
+            "results instead, leave out --output)"
+        )
+    if inputs is not None and _same_file(st, inputs):
+        raise InvalidArgumentError(f"--output {path} is the --input-file itself; give another path for the results")
+
+
+def _same_file(st: os.stat_result, path: Path) -> bool:
+    """Whether `path` names the file `st` describes (through any link); False when it names nothing."""
+    try:
+        other = os.stat(path)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _flock_holder(path: Path) -> int | None:
+    """The pid holding a flock on `path`, from /proc/locks (Linux); None where it cannot be told."""
+    try:
+        st = os.stat(path)
+        locks = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in locks:  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF" (waiters have "->" before FLOCK)
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode and fields[4] != "0":
+            return int(fields[4])
+    return None
+
+
+def _checked(record: Record, where: str) -> Record:
+    if not record.text.strip():
+        raise InputError(f"{where}: input is empty; give non-empty text or remove the line")
+    try:
+        json.dumps(record.id, ensure_ascii=False).encode("utf-8")
+        record.text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{where}: holds an unpaired surrogate escape (not Unicode text); fix or remove it") from None
+    return record
+
+
+def _parse_json(line: str, where: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f'{where}: not valid JSON ({e.msg} at column {e.colno}); expected {{"text": ...}}') from None
+    except RecursionError:
+        raise InputError(f'{where}: JSON nested too deeply to read; expected a flat {{"text": ...}} object') from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise InputError(f"{where}: a number on this line is too long to read ({e.args[0].split(':')[0]})") from None
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISFIFO, "a pipe"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISBLK, "a block device")]  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def _progress(total: int, enabled: bool):

@@ -1,31 +1,73 @@
-"""Text <-> ids at run time from the bundle's tokenizer.json (the `tokenizers` library, no transformers)."""
+"""Text <-> ids at run time from the bundle's tokenizer.json (the `tokenizers` library, no transformers).
 
+The tokenizer is bundle data run as code (regexes, normalizers): whatever it fails with, at load or on an
+input, is a one-line BundleError naming it, a Rust panic included.
+"""
+
+import contextlib
 from pathlib import Path
 
 import torch
 
-from el_export.errors import InputError
+from el_export.bundle import read_file
+from el_export.errors import BundleError, InputError, first_line
 
 
 class Tokenizer:
     """Wraps a `tokenizers.Tokenizer` (serialized as JSON): padding and truncation done here."""
 
-    def __init__(self, tokenizer_json: str, pad_token_id: int | None, padding_side: str = "right"):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        self._tok = HFTokenizer.from_str(tokenizer_json)
+    def __init__(
+        self, tokenizer_json: str, pad_token_id: int | None, padding_side: str = "right", name: str = "tokenizer.json"
+    ):
+        self.name = name
+        self._tok = self._parse(tokenizer_json)
         self._tok.no_padding()
         self._tok.no_truncation()
-        self._truncating = HFTokenizer.from_str(tokenizer_json)  # its own object: encode() stays thread-safe
+        self._truncating = self._parse(tokenizer_json)  # its own object: encode() stays thread-safe
         self._truncating.no_padding()
         self.pad_token_id = 0 if pad_token_id is None else pad_token_id
         self.padding_side = padding_side
 
+    def _parse(self, tokenizer_json: str):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        with self._failures("to load"):
+            try:
+                return HFTokenizer.from_str(tokenizer_json)
+            except Exception as e:  # tokenizers raises plain Exception for every file it cannot read
+                raise BundleError(
+                    f"{self.name} is not a tokenizer the tokenizers library can read ({first_line(e)}); "
+                    "re-export the bundle"
+                ) from None
+
+    @contextlib.contextmanager
+    def _failures(self, doing: str):
+        """A Rust panic in `tokenizers` (a catastrophic regex in a pre-tokenizer) as a BundleError. It arrives as
+        pyo3's PanicException, a BaseException that cannot be imported: caught by its name, nothing else."""
+        try:
+            yield
+        except BaseException as e:
+            if type(e).__name__ != "PanicException":
+                raise
+            raise BundleError(
+                f"the bundle's tokenizer {self.name} failed {doing} ({first_line(e)}); fix or re-export the tokenizer"
+            ) from None
+
     @classmethod
-    def from_bundle(cls, bundle_dir: Path, manifest) -> "Tokenizer | None":
+    def from_bundle(cls, bundle_dir: Path, manifest, verify: bool = True) -> "Tokenizer | None":
+        """The bundle's tokenizer, from the bytes whose sha256 was checked (unless `verify` is off).
+
+        Raises:
+            BundleError: missing, changed, not UTF-8, or not a tokenizer `tokenizers` can load.
+        """
         if manifest.tokenizer is None:
             return None
-        return cls((bundle_dir / manifest.tokenizer).read_text(encoding="utf-8"), *padding(manifest))
+        data = read_file(bundle_dir, manifest, manifest.tokenizer, verify)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BundleError(f"{manifest.tokenizer} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return cls(text, *padding(manifest), name=manifest.tokenizer)
 
     @classmethod
     def from_hf(cls, tokenizer, manifest) -> "Tokenizer | None":
@@ -47,7 +89,8 @@ class Tokenizer:
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise InputError(f"input {i} is empty; give non-empty text")
-            ids = self._tok.encode(text).ids
+            with self._failures(f"on input {i}"):
+                ids = self._tok.encode(text).ids
             if max_length is not None and len(ids) > max_length:
                 if not truncation:
                     raise InputError(
@@ -55,12 +98,14 @@ class Tokenizer:
                         "shorten it or pass truncation=True (--truncate) to cut it"
                     )
                 self._truncating.enable_truncation(max_length)
-                ids = self._truncating.encode(text).ids  # cuts the text, keeps the special tokens
+                with self._failures(f"on input {i}"):
+                    ids = self._truncating.encode(text).ids  # cuts the text, keeps the special tokens
             encoded.append(ids)
         return pad_ids(encoded, self.pad_token_id, self.padding_side)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
-        return [self._tok.decode(row, skip_special_tokens=True) for row in ids.tolist()]
+        with self._failures("to decode"):
+            return [self._tok.decode(row, skip_special_tokens=True) for row in ids.tolist()]
 
 
 def pad_ids(rows: list[list[int]], pad_token_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -194,7 +194,8 @@ def test_streamed_run_survives_a_kill_and_resumes_without_loss_or_duplicates(tmp
     with open(output, "a") as f:  # a record half-written when the process died
         f.write('{"id": "r999", "inp')
     subprocess.run(argv, check=True, capture_output=True, timeout=300)
-    records = [json.loads(line) for line in output.read_text().splitlines()]
+    header, *records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert header["el_export_job"]["generation"]["max_new_tokens"] == 40  # the job header, written once
     assert [r["id"] for r in records] == [f"r{i}" for i in range(40)]  # each once, in order
     subprocess.run(command(clean), check=True, capture_output=True, timeout=300)
-    assert records == [json.loads(line) for line in clean.read_text().splitlines()]
+    assert [header, *records] == [json.loads(line) for line in clean.read_text().splitlines()]

@@ -111,14 +111,16 @@ def _served(bundle, tmp, texts, parameters, expected, batching: bool, args) -> d
     argv = [sys.executable, "-m", "el_export.cli", "serve", str(bundle), "--model-name", "load",
             "--port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
             "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-us", str(args.max_queue_delay_us),
+            "--max-num-beams", str(max(16, args.num_beams)),
+            "--max-new-tokens-limit", str(max(512, args.max_new_tokens)),
             "--log-file", str(tmp / "triton.log")]  # fmt: skip
     if not batching:
         argv.append("--no-dynamic-batching")
-    home = tempfile.mkdtemp(prefix="elx-")  # PyTriton's sockets: a short path
+    home = tempfile.mkdtemp(prefix="elx-")  # the server's socket: a short path
     log = tmp / f"serve-{batching}.log"
     with open(log, "wb") as log_file:
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "PYTRITON_HOME": home})  # fmt: skip
+                                   env={**os.environ, "TMPDIR": home})  # fmt: skip
     try:
         wait_until_ready(process, f"http://{HOST}:{ports[0]}/v2/models/load/ready", 120, log)
         url = f"{HOST}:{ports[0]}"

@@ -73,10 +73,16 @@ def register(*config_class_names: str):
 
 
 def family_for(config) -> Family:
-    """The family that handles this HF config, or UnsupportedModelError saying why not."""
+    """The family that handles this HF config, or UnsupportedModelError saying why not.
+
+    Raises:
+        UnsupportedModelError: no family handles it (with the reason).
+        CheckpointError: a size in the config is not a positive integer, or the pad id is outside the vocabulary.
+    """
     _load_builtin_families()
     name = type(config).__name__
     if name in _BY_CONFIG:
+        _check_sizes(config)
         return _BY_CONFIG[name]
     model_type = getattr(config, "model_type", "?")
     rope = getattr(config, "rope_theta", None) is not None or getattr(config, "rope_scaling", None) is not None
@@ -87,6 +93,27 @@ def family_for(config) -> Family:
         )
     supported = ", ".join(sorted({f.name for f in _BY_CONFIG.values()}))
     raise UnsupportedModelError(f"{model_type} ({name}) is not supported by el-export; supported families: {supported}")
+
+
+# Config fields (of every family's HF config) that size a module: a zero, a string or a list there would crash the
+# module's construction inside transformers or torch with a traceback.
+_SIZE_FIELDS = (
+    "d_model", "d_kv", "d_ff", "n_embd", "n_head", "n_layer", "n_positions", "n_inner", "vocab_size",
+    "decoder_vocab_size", "encoder_layers", "decoder_layers", "num_layers", "num_decoder_layers",
+    "encoder_attention_heads", "decoder_attention_heads", "num_heads", "encoder_ffn_dim", "decoder_ffn_dim",
+    "max_position_embeddings", "relative_attention_num_buckets", "relative_attention_max_distance", "num_mel_bins",
+    "max_source_positions", "max_target_positions",
+)  # fmt: skip
+
+
+def _check_sizes(config) -> None:
+    bad = [f"{k} {v!r}" for k in _SIZE_FIELDS if (v := getattr(config, k, None)) is not None
+           and (type(v) is not int or v < 1)]  # fmt: skip
+    if bad:
+        raise CheckpointError(f"config.json sets {', '.join(bad)}: sizes must be positive integers; fix config.json")
+    pad, vocab = getattr(config, "pad_token_id", None), config.vocab_size
+    if type(pad) is int and not 0 <= pad < vocab:
+        raise CheckpointError(f"config.json sets pad_token_id {pad}, outside the vocabulary ({vocab}); fix config.json")
 
 
 def family_named(name: str) -> Family:

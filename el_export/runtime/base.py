@@ -1,7 +1,9 @@
 """The backend interface: run one graph of a bundle on torch tensors that stay on the device.
 
 The base class checks inputs against the manifest's contract and allocates outputs from the
-symbolic axes it resolved; a backend fills in `_run_impl` (and says which device it uses).
+symbolic axes it resolved; a backend fills in `_run_impl` (and says which device it uses). Backends
+load bundle files from the bytes `read` checked, and check the contract against the graphs with
+`check_io` when they load them.
 """
 
 import contextlib
@@ -9,8 +11,8 @@ import re
 
 import torch
 
-from el_export.bundle import GraphEntry, Manifest
-from el_export.errors import BackendError, InputError
+from el_export.bundle import GraphEntry, Manifest, read_file
+from el_export.errors import BackendError, BundleError, InputError
 
 DTYPES = {"int64": torch.int64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DERIVED = re.compile(r"^(\w+)\+(\d+)$")  # "past+1": an axis defined by another one
@@ -42,6 +44,42 @@ def resolve_axes(graph: GraphEntry, feeds: dict[str, torch.Tensor], graph_name: 
     return axes
 
 
+def check_io(graph_name: str, graph: GraphEntry, inputs: dict, outputs: dict, fix: str) -> None:
+    """The graph's own inputs and outputs are the manifest's: names, dtypes, ranks, fixed sizes. A manifest that
+    differs would hand the backend wrong buffers (a forged logits size once asked ONNX Runtime for 128 GB).
+
+    Args:
+        inputs, outputs: the graph's tensors, name -> (dtype as the manifest spells it, shape: an int where the
+            size is fixed, anything else where it is symbolic).
+        fix: what the one-line error tells the user to do.
+
+    Raises:
+        BundleError: naming the graph, the tensor and the field that differ.
+    """
+    for side, specs, actual in (("input", graph.inputs, inputs), ("output", graph.outputs, outputs)):
+        declared = {s.name for s in specs}
+        if missing := [s.name for s in specs if s.name not in actual]:
+            raise BundleError(f"{graph_name}: the manifest declares {side} {missing[0]!r}; the graph has none; {fix}")
+        if extra := [name for name in actual if name not in declared]:
+            raise BundleError(f"{graph_name}: the graph has {side} {extra[0]!r}; the manifest has none; {fix}")
+        for spec in specs:
+            dtype, shape = actual[spec.name]
+            if dtype != spec.dtype:
+                raise BundleError(
+                    f"{graph_name}: {side} {spec.name!r} is {dtype} in the graph, {spec.dtype} in the manifest; {fix}"
+                )
+            if _fixed(shape) != _fixed(spec.shape):
+                raise BundleError(
+                    f"{graph_name}: {side} {spec.name!r} has shape {list(shape)} in the graph, {list(spec.shape)} in "
+                    f"the manifest (ranks and fixed sizes must agree); {fix}"
+                )
+
+
+def _fixed(shape) -> list:
+    """A shape with every symbolic axis as "*": what a graph and its contract must agree on."""
+    return [a if isinstance(a, int) else "*" for a in shape]
+
+
 def output_shape(shape: tuple, axes: dict[str, int]) -> list[int]:
     out = []
     for axis in shape:
@@ -61,11 +99,16 @@ class Backend:
 
     name = "base"
 
-    def __init__(self, bundle_dir, manifest: Manifest, device: str = "cpu"):
+    def __init__(self, bundle_dir, manifest: Manifest, device: str = "cpu", verify: bool = True):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # "cuda" means the current device: name it
             device = torch.device("cuda", torch.cuda.current_device())
-        self.bundle_dir, self.manifest, self.device = bundle_dir, manifest, device
+        self.bundle_dir, self.manifest, self.device, self.verify = bundle_dir, manifest, device, verify
+
+    def read(self, name: str) -> bytes:
+        """A bundle file's bytes, checked against its sha256 unless `verify` is off. Backends load from these,
+        never by path: a file swapped after the check is never run."""
+        return read_file(self.bundle_dir, self.manifest, name, self.verify)
 
     def run(self, graph_name: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run a graph on tensors already on `self.device`, checked against the contract first."""

@@ -4,27 +4,26 @@ Inputs and outputs are torch tensors on the device (outputs allocated from the c
 never leave it between steps. Each graph runs on torch's current CUDA stream, so it is ordered with
 the torch work around it (cache gathers, allocations) without a synchronisation. Shapes outside an
 engine's optimization profile are refused before TensorRT sees them, naming the limit and the
-`el-export build` option that raises it.
+`el-export build` option that raises it. Engines are deserialized from the bytes whose sha256 was
+checked, and their tensors checked against the manifest's contract.
 """
-
-from pathlib import Path
 
 import tensorrt as trt
 import torch
 
 from el_export.errors import BackendError
-from el_export.runtime.base import Backend
+from el_export.runtime.base import Backend, check_io
 from el_export.trt.profiles import AXIS_OPTIONS
 
-_TRT_DTYPES = {"int64": trt.int64, "float32": trt.float32, "float16": trt.float16, "bfloat16": trt.bfloat16}
+_DTYPE_NAMES = {trt.int64: "int64", trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16"}
 _ALIGNMENT = 256  # bytes; TensorRT's I/O addresses must be aligned like a cudaMalloc'd buffer
 
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, bundle_dir, manifest, device: str = "cuda"):
-        super().__init__(bundle_dir, manifest, device)
+    def __init__(self, bundle_dir, manifest, device: str = "cuda", verify: bool = True):
+        super().__init__(bundle_dir, manifest, device, verify)
         if self.device.type != "cuda":
             raise BackendError(f"the tensorrt backend runs on a CUDA device, not {self.device}")
         engines = manifest.engines
@@ -46,25 +45,12 @@ class TensorRTBackend(Backend):
         self.engines, self.contexts = {}, {}
         with torch.cuda.device(self.device):
             for name, entry in engines["graphs"].items():
-                engine = self.runtime.deserialize_cuda_engine((Path(bundle_dir) / entry["file"]).read_bytes())
+                engine = self.runtime.deserialize_cuda_engine(self.read(entry["file"]))
                 if engine is None:
                     raise BackendError(f"TensorRT cannot load {entry['file']}: `{rebuild}`")
-                self._check_io(name, engine)
+                check_io(name, manifest.graphs[name], *_engine_tensors(engine), f"rebuild the engines: `{rebuild}`")
                 self.engines[name], self.contexts[name] = engine, engine.create_execution_context()
         self.placeholder = torch.empty(_ALIGNMENT, dtype=torch.uint8, device=self.device)  # for empty tensors
-
-    def _check_io(self, graph_name: str, engine) -> None:
-        """The engine's IO tensors are the contract's, with the contract's dtypes."""
-        graph = self.manifest.graphs[graph_name]
-        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-        if names != {s.name for s in (*graph.inputs, *graph.outputs)}:
-            raise BackendError(f"{graph_name} engine's tensors {sorted(names)} are not the contract's: rebuild it")
-        for spec in (*graph.inputs, *graph.outputs):
-            if engine.get_tensor_dtype(spec.name) != _TRT_DTYPES[spec.dtype]:
-                raise BackendError(
-                    f"{graph_name} engine's {spec.name!r} is {engine.get_tensor_dtype(spec.name)}, "
-                    f"the contract says {spec.dtype}: rebuild the engines"
-                )
 
     def _run_impl(self, graph_name, feeds, axes):
         self._check_profile(graph_name, feeds)
@@ -108,3 +94,15 @@ class TensorRTBackend(Backend):
                     f"{graph_name}: {axis} is {size} in {spec.name!r}, outside the engine's profile [{lo}, {hi}]; "
                     f"rebuild with `el-export build {self.bundle_dir}` and a larger {option}"
                 )
+
+
+def _engine_tensors(engine) -> tuple[dict, dict]:
+    """An engine's inputs and outputs as `check_io` takes them (TensorRT's -1 for a dynamic size: None)."""
+    inputs, outputs = {}, {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        dtype = engine.get_tensor_dtype(name)
+        shape = [None if size < 0 else size for size in engine.get_tensor_shape(name)]
+        side = inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs
+        side[name] = (_DTYPE_NAMES.get(dtype, str(dtype)), shape)
+    return inputs, outputs

@@ -6,6 +6,7 @@ the resolved `GenerationOptions`, so search never has to know where a value came
 """
 
 import difflib
+import math
 import numbers
 from dataclasses import dataclass, fields
 from typing import Any, NoReturn
@@ -66,19 +67,40 @@ _INERT: dict[str, Any] = {
 }  # fmt: skip
 
 
+_INT64_MAX = 2**63 - 1  # token ids and lengths become int64 tensors
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes: [low, high)
+# Logits divided by a smaller temperature overflow float32 to inf (1e8 / 1e-30 is still finite), softmax turns
+# them into NaN and sampling fails: HF crashes in `torch.multinomial` there. Below this, sample greedily instead.
+MIN_TEMPERATURE = 1e-30
+# What each float field may be; HF's own checks are noted where HF takes more.
+_FLOATS = {
+    # HF takes NaN and inf and returns NaN sequence scores: which beams it keeps is then arbitrary.
+    "length_penalty": "a finite number (1.0: scores are mean log-probabilities)",
+    # HF's TemperatureLogitsWarper refuses NaN, takes inf: scores / inf are NaN where a token is masked (-inf),
+    # and HF crashes in `torch.multinomial`.
+    "temperature": f"a finite float >= {MIN_TEMPERATURE} (1.0 disables it)",
+    # HF ignores NaN (`nan < 1.0` is False) and refuses values outside [0, 1] when it builds TopPLogitsWarper.
+    "top_p": "a number in [0, 1] (1.0 disables it)",
+    # HF's RepetitionPenaltyLogitsProcessor refuses NaN, takes inf (a repeated token's score becomes 0 or -inf).
+    "repetition_penalty": "a finite float > 0 (1.0 disables it)",
+}
+
+
 def _fail(message: str) -> NoReturn:
     raise InvalidArgumentError(message)
 
 
 def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        _fail(f"`{name}` must be an integer >= {minimum}, got {value!r}; pass a valid value.")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not minimum <= value <= _INT64_MAX:
+        _fail(f"`{name}` must be an integer in [{minimum}, 2**63), got {value!r}; pass a valid value.")
     return int(value)
 
 
-def _float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        _fail(f"`{name}` must be a number, got {value!r}; pass a float.")
+def _float(name: str, value: Any, valid: str) -> float:
+    """A finite number. NaN and inf are refused even where HF takes them (see `_FLOATS`): they give NaN scores or
+    a crash, and NaN slips past every later `<` check."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        _fail(f"`{name}` must be {valid}, got {value!r}.")
     return float(value)
 
 
@@ -86,6 +108,13 @@ def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         _fail(f"`{name}` must be True or False, got {value!r}.")
     return value
+
+
+def _seed(value: Any) -> int:
+    low, high = SEED_RANGE
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value < high:
+        _fail(f"`seed` must be an integer in [-2**63, 2**64) (what torch.Generator takes), got {value!r}.")
+    return int(value)
 
 
 def _token_ids(name: str, value: Any) -> tuple[int, ...]:
@@ -137,13 +166,16 @@ class GenerationOptions:
             put(name, _int(name, getattr(self, name), 1))
         for name in ("min_length", "top_k", "no_repeat_ngram_size"):
             put(name, _int(name, getattr(self, name), 0))
-        for name, minimum in (("max_new_tokens", 1), ("min_new_tokens", 0), ("seed", 0)):
+        for name, minimum in (("max_new_tokens", 1), ("min_new_tokens", 0)):
             if getattr(self, name) is not None:
                 put(name, _int(name, getattr(self, name), minimum))
-        for name in ("length_penalty", "temperature", "top_p", "repetition_penalty"):
-            put(name, _float(name, getattr(self, name)))
+        if self.seed is not None:
+            put("seed", _seed(self.seed))
         for name in ("do_sample", "output_scores"):
             _bool(name, getattr(self, name))
+        self._check_float_types()
+        for name, valid in _FLOATS.items():
+            put(name, _float(name, getattr(self, name), valid))
         for name in ("forced_bos_token_id", "decoder_start_token_id", "bos_token_id", "pad_token_id"):
             if getattr(self, name) is not None:
                 put(name, _int(name, getattr(self, name), 0))
@@ -175,6 +207,11 @@ class GenerationOptions:
             _fail(f"`repetition_penalty` must be > 0, got {self.repetition_penalty}; 1.0 disables it.")
         if self.do_sample and self.temperature <= 0:
             _fail(f"`temperature` must be > 0 when sampling, got {self.temperature}; use do_sample=False.")
+        if self.do_sample and self.temperature < MIN_TEMPERATURE:
+            _fail(
+                f"`temperature` {self.temperature} is below {MIN_TEMPERATURE}: the scaled logits overflow to inf and "
+                "sampling fails; use do_sample=False for greedy decoding."
+            )
         if self.do_sample and not 0.0 <= self.top_p <= 1.0:
             _fail(f"`top_p` must be in [0, 1], got {self.top_p}; 1.0 disables it.")
         for name in ("forced_bos_token_id", "forced_eos_token_id"):
@@ -182,6 +219,14 @@ class GenerationOptions:
             forced = {forced} if isinstance(forced, int) else set(forced or ())
             if forced and self.suppress_tokens is not None and forced <= set(self.suppress_tokens):
                 _fail(f"every token of `{name}` is also in `suppress_tokens`; remove it from one of them.")
+
+    def _check_float_types(self) -> None:
+        """HF's RepetitionPenalty and Temperature processors take only a float, and run only when the value is
+        not 1.0 (temperature: only when sampling): where HF would refuse an integer, so do we."""
+        for name, used in (("repetition_penalty", True), ("temperature", self.do_sample)):
+            value = getattr(self, name)
+            if used and isinstance(value, numbers.Integral) and not isinstance(value, bool) and value != 1:
+                _fail(f"`{name}` must be a float, got the integer {value}; pass {value}.0 (HF refuses an integer).")
 
     def _checked_bad_words(self) -> tuple[tuple[int, ...], ...] | None:
         """HF's NoBadWordsLogitsProcessor checks, then drops entries that are a single eos token."""

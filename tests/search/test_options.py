@@ -108,7 +108,22 @@ INVALID = [
     ({"eos_token_id": []}, "eos_token_id"),
     ({"eos_token_id": -1}, "eos_token_id"),
     ({"suppress_tokens": [2], "forced_eos_token_id": 2}, "suppress_tokens"),
-    ({"seed": -1}, "seed"),
+    ({"seed": -(2**63) - 1}, "[-2**63, 2**64)"),
+    ({"seed": 2**64}, "[-2**63, 2**64)"),
+    ({"seed": 1.0}, "seed"),
+    ({"max_new_tokens": 2**63}, "2**63"),
+    ({"eos_token_id": 2**70}, "eos_token_id"),
+    ({"pad_token_id": 2**63}, "pad_token_id"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "finite float > 0"),
+    ({"repetition_penalty": 2}, "pass 2.0"),
+    ({"do_sample": True, "temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "finite float"),
+    ({"do_sample": True, "temperature": 1e-45}, "below 1e-30"),
+    ({"do_sample": True, "temperature": 2}, "pass 2.0"),
+    ({"top_p": float("nan")}, "[0, 1]"),
+    ({"length_penalty": float("nan")}, "length_penalty"),
+    ({"length_penalty": float("-inf")}, "length_penalty"),
     ({"typical_p": 0.9}, "typical_p"),
     ({"output_attentions": True}, "output_attentions"),
 ]
@@ -131,6 +146,16 @@ def test_encoder_decoder_needs_a_decoder_start():
     with pytest.raises(InvalidArgumentError, match="decoder_start_token_id"):
         resolve({"bos_token_id": None})
     assert resolve({"bos_token_id": None}, is_encoder_decoder=False).decoder_start_token_id is None
+
+
+def test_values_hf_takes_are_kept():
+    """The edges of what HF and torch accept stay accepted: seeds over torch's whole range, a temperature or
+    penalty that is an integer 1 (HF builds no processor for it), temperature unused when not sampling."""
+    for seed in (-(2**63), -1, 2**64 - 1):
+        assert resolve(seed=seed, do_sample=True).seed == seed
+    assert resolve(repetition_penalty=1, temperature=1, do_sample=True).temperature == 1.0
+    assert resolve(temperature=1e-45).temperature == 1e-45
+    assert resolve(do_sample=True, temperature=1e-30).temperature == 1e-30
 
 
 def test_direct_construction_validates():
