@@ -47,6 +47,6 @@ def load(bundle_dir, backend: str = "onnxruntime", **backend_options):
         BundleError: the bundle is missing, corrupted or of another format version.
         BackendError: the backend is unknown or its package is not installed.
     """
-    from el_export.generator import Generator
+    from el_export.runtime.generator import Generator
 
     return Generator.from_bundle(bundle_dir, backend=backend, **backend_options)

@@ -215,7 +215,8 @@ def _add_serving_arguments(p: argparse.ArgumentParser) -> None:
 
 def serve_config(args: argparse.Namespace):
     """The serving arguments as a `ServeConfig`."""
-    from el_export.serve import RequestCaps, ServeConfig
+    from el_export.serving.batching import RequestCaps
+    from el_export.serving.server import ServeConfig
 
     name = args.model_name or re.sub(r"[^A-Za-z0-9._-]", "_", args.bundle.resolve().name)
     names = ("host", "http_port", "grpc_port", "metrics_port", "log_file")  # serve's; triton-repo has none
@@ -271,7 +272,7 @@ def _export(args) -> int:
 
 
 def _generate(args) -> int:
-    from el_export.stream import JobOutput, Record, check_inputs, generate_batches, generate_file, read_records
+    from el_export.runtime.stream import JobOutput, Record, check_inputs, generate_batches, generate_file, read_records
 
     if args.batch_size < 1:
         raise InvalidArgumentError("--batch-size must be at least 1")
@@ -316,7 +317,7 @@ def _load_generator(args):
 
 
 def _compare(args) -> int:
-    from el_export.compare import compare_bundle
+    from el_export.evaluation.compare import compare_bundle
 
     report = compare_bundle(
         args.bundle, args.reference, backend=args.backend, batch_size=args.batch_size, num_beams=args.num_beams,
@@ -359,8 +360,8 @@ def _build(args) -> int:
 
 
 def _inspect(args) -> int:
-    from el_export.bundle import read_manifest
-    from el_export.cache import Workload, cache_bytes, human_bytes
+    from el_export.contract.cache import Workload, cache_bytes, human_bytes
+    from el_export.contract.files import read_manifest
 
     manifest = read_manifest(args.bundle)
     dims = manifest.dims
@@ -427,8 +428,8 @@ def _inspect_source_len(args, manifest) -> int:
 
 
 def _demo(args) -> int:
-    from el_export.cache import human_bytes
-    from el_export.demo import run_demo
+    from el_export.contract.cache import human_bytes
+    from el_export.evaluation.demo import run_demo
 
     if args.num_beams < 1:
         raise InvalidArgumentError("--num-beams must be at least 1")
@@ -451,7 +452,7 @@ def _demo(args) -> int:
 
 def _serve(args) -> int:
     import el_export
-    from el_export.serve import check_can_serve, start, stop_signals, wait
+    from el_export.serving.server import check_can_serve, start, stop_signals, wait
 
     config = serve_config(args)
     check_can_serve(config)  # in seconds, before the bundle loads: a taken port, a missing PyTriton
@@ -473,7 +474,7 @@ def _serve(args) -> int:
 
 
 def _triton_repo(args) -> int:
-    from el_export.triton_repo import write_repository
+    from el_export.serving.triton_repo import write_repository
 
     model_dir = write_repository(args.bundle, args.out, serve_config(args), backend=args.backend)
     print(f"wrote {model_dir} (config.pbtxt, 1/model.py, 1/bundle)")
@@ -481,7 +482,7 @@ def _triton_repo(args) -> int:
 
 
 def _bench(args) -> int:
-    from el_export.bench import WORKLOADS, run_bench
+    from el_export.evaluation.bench import WORKLOADS, run_bench
 
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in workloads if w not in WORKLOADS and w != "W2"]
@@ -518,7 +519,7 @@ def _bench(args) -> int:
 
 
 def _import_ct2(args) -> int:
-    from el_export.ct2_whisper import import_whisper
+    from el_export.export.importers.ct2_whisper import import_whisper
 
     print(f"wrote {import_whisper(args.ct2_dir, args.out)}")
     return 0

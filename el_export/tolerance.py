@@ -47,6 +47,10 @@ GRAPH_TOLERANCE = {
 }
 DEFAULT_WIDTH = 1024  # the widest measured, for callers that do not pass the model's d_model
 SCORE_TOLERANCE = 1e-4  # |sequences_scores - HF generate's|, fp32
+# The tests' other bounds, here so that no test declares its own:
+BLOCK_TOLERANCE = 1e-5  # fp32 max abs, EL block vs the standard block (and our modules vs HF's) on the same weights
+SEARCH_SCORE_TOLERANCE = 1e-5  # our search vs HF's on the very same logits: only the search's own float ops differ
+REBATCHED_SCORE_TOLERANCE = 1e-5  # one input's scores when batched with other inputs (padding reorders the sums)
 
 
 def graph_atol(references, dtype: str, width: int = DEFAULT_WIDTH) -> float:

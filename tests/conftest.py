@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from el_export.export import export_model
-from el_export.tiny import tiny_model, write_tiny_checkpoint
+from el_export.testing.tiny import tiny_model, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,11 @@ import json
 import pytest
 
 import el_export
-from el_export import auto
-from el_export.bundle import read_manifest
 from el_export.cli import main
+from el_export.contract.files import read_manifest
 from el_export.errors import BundleError
-from el_export.export import export_model
-from el_export.tiny import SPEECH
+from el_export.export import auto, export_model
+from el_export.testing.tiny import SPEECH
 
 
 def test_cli_keeps_the_faster_mode_and_records_both_timings(checkpoint, cli_bundle, tmp_path, capsys):

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 import el_export
-from el_export.bundle import read_manifest
+from el_export.contract.files import read_manifest
 from el_export.errors import BackendError, BundleError
 
 

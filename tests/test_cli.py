@@ -114,7 +114,7 @@ def test_demo_runs_the_main_job_on_the_real_checkpoint(tmp_path, capsys):
     assert len(rows) == 4 and all(r["same_as_hf"] for r in rows)
     assert any("lazy dog" in r["transcript"] for r in rows)
     assert all(r["cache_bytes"]["kv"] > 10 * r["cache_bytes"]["el"] for r in rows)
-    from el_export.demo import CLIPS
+    from el_export.evaluation.demo import CLIPS
 
     clip = CLIPS / "fox.wav"  # the CLI transcribes audio files given to a speech bundle
     assert main(["generate", str(tmp_path / "whisper-tiny.en-el"), str(clip), "--num-beams", "2", "--json"]) == 0

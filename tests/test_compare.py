@@ -9,9 +9,9 @@ import torch
 
 import el_export
 from el_export.cli import main
-from el_export.compare import DIFFER, EXIT_CODES, Check, Report, token_agreement
+from el_export.evaluation.compare import DIFFER, EXIT_CODES, Check, Report, token_agreement
 from el_export.export import export_model
-from el_export.tiny import tiny_model, write_tiny_checkpoint
+from el_export.testing.tiny import tiny_model, write_tiny_checkpoint
 
 # Small but real: a padded batch of 2, greedy and 2 beams (2 sequences per input), 16 new tokens (the default:
 # the tiny T5 v1.1's logits peak near 300, and its beam scores over 5 tokens sit 2e-4 from HF's, past 1e-4).
@@ -149,7 +149,7 @@ def test_whisper_limits_are_the_encoder_frames_and_the_decoder_positions(whisper
 
 
 def test_source_vocabulary_has_one_rule(bundles):
-    from el_export.bundle import read_manifest
+    from el_export.contract.files import read_manifest
 
     gpt2, marian = read_manifest(bundles("gpt2", "el")), read_manifest(bundles("marian", "el"))
     assert gpt2.dims["encoder_vocab_size"] == 0 and gpt2.source_vocab_size == gpt2.dims["vocab_size"] == 96

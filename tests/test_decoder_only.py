@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import el_export
-from el_export.cache import Workload, cache_bytes
-
-SCORE_TOL = 1e-4
+from el_export.contract.cache import Workload, cache_bytes
+from el_export.tolerance import SCORE_TOLERANCE
 
 
 @pytest.fixture
@@ -53,7 +52,7 @@ def test_gpt2_generate_matches_hf(mode, bundles, left_padded):
         ref = _hf(hf, ids, mask, **kwargs)
         assert torch.equal(ours.sequences, ref.sequences), kwargs  # the prompt included, as HF returns it
         if ref.get("sequences_scores") is not None:
-            assert (ours.sequences_scores - ref.sequences_scores).abs().max() <= SCORE_TOL, kwargs
+            assert (ours.sequences_scores - ref.sequences_scores).abs().max() <= SCORE_TOLERANCE, kwargs
 
 
 @pytest.mark.parametrize("mode", ["el", "kv"])

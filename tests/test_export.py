@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import el_export
-from el_export import export as export_module
-from el_export.bundle import FORMAT_VERSION, read_manifest, sha256
-from el_export.compare import compare_graphs
+from el_export.contract.files import read_manifest, sha256
+from el_export.contract.manifest import FORMAT_VERSION
 from el_export.errors import ExportError, InvalidArgumentError
+from el_export.evaluation.compare import compare_graphs
 from el_export.export import export_model
+from el_export.export import onnx as export_module
 from el_export.families import build_from_hf
-from el_export.tiny import DECODER_ONLY, FAMILIES, SPEECH, tiny_model
+from el_export.testing.tiny import DECODER_ONLY, FAMILIES, SPEECH, tiny_model
 
 
 @pytest.mark.parametrize("mode", ["el", "kv"])
@@ -103,7 +104,7 @@ def test_unknown_mode_is_refused(tmp_path):
 def test_float16_export_keeps_t5_feed_forward_output_in_float32(tmp_path, hf_models):
     import numpy as np
 
-    from el_export.compare import compare_graphs
+    from el_export.evaluation.compare import compare_graphs
     from el_export.families import cast
 
     out = tmp_path / "t5-fp16"

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import el_export
-from el_export.tiny import FAMILIES
-
-SCORE_TOL = 1e-4
+from el_export.testing.tiny import FAMILIES
+from el_export.tolerance import SCORE_TOLERANCE
 
 BEAM_SETTINGS = [
     {"early_stopping": True, "length_penalty": 0.6},
@@ -33,7 +32,7 @@ def test_beam_search_matches_hf(family, mode, bundles, hf_models, padded_batch):
         ours = generator.generate(input_ids=ids, attention_mask=mask, **kwargs)
         ref = _hf(hf, ids, mask, **kwargs)
         assert torch.equal(ours.sequences, ref.sequences), setting
-        assert (ours.sequences_scores - ref.sequences_scores).abs().max() <= SCORE_TOL, setting
+        assert (ours.sequences_scores - ref.sequences_scores).abs().max() <= SCORE_TOLERANCE, setting
 
 
 @pytest.mark.parametrize("mode", ["el", "kv"])

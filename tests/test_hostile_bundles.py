@@ -10,10 +10,10 @@ import onnx
 import pytest
 
 import el_export
-import el_export.bundle
-import el_export.generator
-from el_export.bundle import read_manifest
+import el_export.contract.files
+import el_export.runtime.generator
 from el_export.cli import main
+from el_export.contract.files import read_manifest
 from el_export.errors import BundleError
 from el_export.export import export_model
 
@@ -85,7 +85,7 @@ def _negated_logits(path) -> bytes:
 
 def _swap_after_hashing(monkeypatch, sha, path, data: bytes) -> list:
     """Replace `path` with `data` right after the bytes whose sha256 is `sha` are hashed; returns the swap log."""
-    swapped, real = [], el_export.bundle.sha256_bytes
+    swapped, real = [], el_export.contract.files.sha256_bytes
 
     def hash_then_swap(blob):
         digest = real(blob)
@@ -94,7 +94,7 @@ def _swap_after_hashing(monkeypatch, sha, path, data: bytes) -> list:
             swapped.append(path.name)
         return digest
 
-    monkeypatch.setattr(el_export.bundle, "sha256_bytes", hash_then_swap)
+    monkeypatch.setattr(el_export.contract.files, "sha256_bytes", hash_then_swap)
     return swapped
 
 
@@ -112,14 +112,14 @@ def test_a_graph_swapped_after_its_check_is_never_run(bundle, monkeypatch):
 def test_a_graph_swapped_after_the_manifest_is_read_is_refused(bundle, monkeypatch):
     """The window the runtime had: files hashed by read_manifest, then reopened by path by ONNX Runtime."""
     other = _negated_logits(bundle / "decoder_step.onnx")
-    real = el_export.generator.read_manifest
+    real = el_export.runtime.generator.read_manifest
 
     def read_then_swap(*args, **kwargs):
         manifest = real(*args, **kwargs)
         (bundle / "decoder_step.onnx").write_bytes(other)
         return manifest
 
-    monkeypatch.setattr(el_export.generator, "read_manifest", read_then_swap)
+    monkeypatch.setattr(el_export.runtime.generator, "read_manifest", read_then_swap)
     with pytest.raises(BundleError, match="decoder_step.onnx does not match the sha256 in manifest.json"):
         el_export.load(bundle)
 

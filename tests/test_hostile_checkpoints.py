@@ -16,14 +16,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import el_export.export as export_module
-from el_export.bundle import writing_bundle
+import el_export.export as export_package
 from el_export.cli import main
+from el_export.contract.files import writing_bundle
 from el_export.errors import ExportError, InvalidArgumentError
-from el_export.export import check_graph, export_graph, export_model, load_checkpoint, load_feature_extractor
+from el_export.export import checkpoint as checkpoint_module
+from el_export.export import export_model, load_checkpoint, load_feature_extractor
+from el_export.export import onnx as export_module
+from el_export.export.graphs import graphs_for
+from el_export.export.onnx import check_graph, export_graph
 from el_export.families import build_from_hf
-from el_export.graphs import graphs_for
-from el_export.tiny import tiny_model, write_tiny_checkpoint
+from el_export.testing.tiny import tiny_model, write_tiny_checkpoint
 
 
 @pytest.fixture
@@ -94,7 +97,7 @@ def test_transformers_is_never_allowed_remote_code(damaged, tmp_path, monkeypatc
     (damaged / "evil.py").write_text(_EVIL.format(marker=str(marker)))
     (damaged / "preprocessor_config.json").write_text("{}")
     _edit_json(damaged / "preprocessor_config.json", _AUTO_MAPS["preprocessor_config.json"])
-    monkeypatch.setattr(export_module, "checkpoint_directory", Path)
+    monkeypatch.setattr(checkpoint_module, "checkpoint_directory", Path)
     monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("transformers prompted"))
     assert load_feature_extractor(str(damaged)) is None
     assert not marker.exists()
@@ -255,7 +258,7 @@ def test_cli_atol_is_honoured(checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("opset", ["11", "17", "25"])
 def test_unsupported_opset_is_refused_before_loading(opset, checkpoint, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(export_module, "load_checkpoint", lambda *a: pytest.fail("loaded the checkpoint"))
+    monkeypatch.setattr(export_package, "load_checkpoint", lambda *a: pytest.fail("loaded the checkpoint"))
     out = tmp_path / "out"
     line = _refused(["export", str(checkpoint), "--out", str(out), "--opset", opset], capsys, 2)
     assert f"--opset {opset} is not supported" in line and "18 (torch's dynamo exporter's lowest) to 24" in line
@@ -263,7 +266,7 @@ def test_unsupported_opset_is_refused_before_loading(opset, checkpoint, tmp_path
 
 
 def test_opset_is_honoured_and_checked(tmp_path, monkeypatch):
-    from el_export.export import _opset_of
+    from el_export.export.onnx import _opset_of
 
     graph = graphs_for(build_from_hf(tiny_model("bart"))[0], "el")[0]
     export_graph(graph, tmp_path / "encoder.onnx", opset=19)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from el_export.cli import main
-from el_export.generator import Generator
+from el_export.runtime.generator import Generator
 
 FAST = ["--batch-size", "1", "--num-beams", "1", "--max-new-tokens", "4"]
 

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import el_export
-from el_export.bundle import Manifest
 from el_export.cli import main
+from el_export.contract.manifest import Manifest
 from el_export.errors import BundleError, InputError, ResourceError
 
 JSON = st.recursive(
@@ -136,7 +136,7 @@ def test_memory_does_not_grow_over_many_batches(bundles):
 
 @pytest.mark.parametrize("family", ["bart", "gpt2"])
 def test_memory_guard_splits_a_batch_into_chunks_with_the_same_result(family, bundles, monkeypatch):
-    from el_export import memory
+    from el_export.runtime import memory
 
     generator = el_export.load(bundles(family, "el"))
     ids = torch.randint(3, 90, (5, 7), generator=torch.Generator().manual_seed(2))

@@ -33,9 +33,11 @@ import torch
 import el_export
 from el_export.cli import main
 from el_export.errors import BackendError, InputError, InvalidArgumentError
-from el_export.serve import BatchRunner, RequestCaps, check_python_stub, stub_library, stub_problem
-from el_export.triton_forward import INTERNAL_ERROR
-from el_export.triton_repo import free_ports, stop_process_group, wait_until_ready
+from el_export.serving.batching import BatchRunner, RequestCaps
+from el_export.serving.forward import INTERNAL_ERROR
+from el_export.serving.process import free_ports, stop_process_group, wait_until_ready
+from el_export.serving.stub import check_python_stub, stub_library, stub_problem
+from el_export.tolerance import REBATCHED_SCORE_TOLERANCE
 
 HOST = "127.0.0.1"
 REQUEST_TIMEOUT = 30.0  # seconds, any one request
@@ -76,7 +78,8 @@ def _assert_answer_equals(answer: dict, reference, row: int = 0) -> None:
     if reference.sequences_scores is None:
         assert np.isnan(answer["scores"][row]).all()
     else:
-        np.testing.assert_allclose(answer["scores"][row], reference.sequences_scores.numpy(), atol=1e-5)
+        expected = reference.sequences_scores.numpy()
+        np.testing.assert_allclose(answer["scores"][row], expected, atol=REBATCHED_SCORE_TOLERANCE)
 
 
 # --- BatchRunner: no Triton needed -------------------------------------------------------------------------
@@ -212,7 +215,7 @@ def test_decoder_only_prompts_of_different_lengths_share_a_search(bundles):
 def whisper_bundle(tmp_path_factory):
     """A tiny Whisper whose encoder takes 30 s of audio (3000 frames), so audio goes in whole."""
     from el_export.export import export_model
-    from el_export.tiny import tiny_model
+    from el_export.testing.tiny import tiny_model
 
     out = tmp_path_factory.mktemp("whisper") / "bundle"
     export_model(tiny_model("whisper", seed=0, max_source_positions=1500), out, mode="el", progress=False)
@@ -266,7 +269,7 @@ def test_serving_modules_import_without_pytriton_or_tritonclient():
                 if name.split(".")[0] in ("pytriton", "tritonclient"):
                     raise ImportError(f"blocked in this test: {name}", name=name)
         sys.meta_path.insert(0, Block())
-        import el_export.serve, el_export.triton_repo
+        import el_export.serve, el_export.serving.triton_repo
         try:
             el_export.serve.start(None)
         except el_export.BackendError as e:
@@ -718,7 +721,7 @@ def test_the_triton_repository_loads_in_the_shipped_triton_server(cli_bundle, te
     import tritonclient.grpc as grpc
     from tritonclient.utils import InferenceServerException
 
-    from el_export.triton_repo import shipped_server
+    from el_export.serving.triton_repo import shipped_server
 
     assert main(["triton-repo", str(cli_bundle), "--out", str(tmp_path / "repo"), "--model-name", "tiny"]) == 0
     http_port, grpc_port = free_ports(2)

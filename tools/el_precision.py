@@ -22,8 +22,8 @@ def relative_errors(model, mode: str, onnx: bool) -> dict[str, tuple[float, floa
     """(torch, onnxruntime) error / peak of every output of every graph of `model` (float32) vs float64."""
     import onnxruntime as ort
 
-    from el_export.export import CHECK_SIZES, export_graph
-    from el_export.graphs import graphs_for, sample_inputs
+    from el_export.export.graphs import graphs_for, sample_inputs
+    from el_export.export.onnx import CHECK_SIZES, export_graph
 
     wide = copy.deepcopy(model).double()
     errors = {}

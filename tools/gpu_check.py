@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from el_export.runtime.torch import load_torch
-from el_export.tiny import tiny_model
+from el_export.testing.tiny import tiny_model
 
 PAPER = {"gpu": "V100 16 GB", "kv_batch32": 5.7, "el_batch32": 8.0, "el_batch320": 28.6}
 BART_LARGE = dict(

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 import el_export
-from el_export.tiny import CORPUS
-from el_export.triton_repo import free_ports, stop_process_group, wait_until_ready
+from el_export.serving.process import free_ports, stop_process_group, wait_until_ready
+from el_export.testing.tiny import CORPUS
 
 HOST = "127.0.0.1"
 
@@ -79,7 +79,7 @@ def main() -> int:
 
 def _tiny_bundle(root: Path) -> Path:
     from el_export.export import export_model, load_checkpoint
-    from el_export.tiny import write_tiny_checkpoint
+    from el_export.testing.tiny import write_tiny_checkpoint
 
     checkpoint = write_tiny_checkpoint(root / "checkpoint")
     model, tokenizer = load_checkpoint(str(checkpoint))

@@ -3,7 +3,7 @@
     .venv/bin/python tools/mode_sweep.py graphs/bench/bart-el graphs/bench/bart-kv
 
 The bundles come from `el-export bench` (its --work folder) or `el-export export --mode el|kv`. Each point runs
-both modes with `el_export.auto.time_generator` (best of --repeats after a warm-up, the same seeded inputs,
+both modes with `el_export.export.auto.time_generator` (best of --repeats after a warm-up, the same seeded inputs,
 exactly --new-tokens generated) and prints el/kv: the measurement `el-export export --mode auto` makes for one
 workload before keeping the faster mode.
 """
@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import el_export
-from el_export.auto import time_generator
-from el_export.cache import Workload
+from el_export.contract.cache import Workload
+from el_export.export.auto import time_generator
 
 
 def main() -> int:

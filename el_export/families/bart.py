@@ -12,8 +12,8 @@ import math
 
 from el_export.errors import UnsupportedModelError
 from el_export.families import Family, register
-from el_export.layers import LayerSpec
-from el_export.models import ModelSpec, Seq2SeqLM
+from el_export.model.layers import LayerSpec
+from el_export.model.models import ModelSpec, Seq2SeqLM
 
 _OPTIONS = {  # model_type -> (pre_norm, position_offset, layernorm_embedding, final_layer_norm)
     "bart": (False, 2, True, False),

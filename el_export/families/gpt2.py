@@ -9,8 +9,8 @@ import re
 
 from el_export.errors import UnsupportedModelError
 from el_export.families import Family, register
-from el_export.layers import LayerSpec
-from el_export.models import DecoderOnlyLM, ModelSpec
+from el_export.model.layers import LayerSpec
+from el_export.model.models import DecoderOnlyLM, ModelSpec
 
 
 def spec_from_config(config) -> ModelSpec:

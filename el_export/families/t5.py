@@ -8,8 +8,8 @@ decoder output scaled by d_model**-0.5 where the checkpoint says so (tied embedd
 import re
 
 from el_export.families import Family, register
-from el_export.layers import LayerSpec
-from el_export.models import ModelSpec, Seq2SeqLM
+from el_export.model.layers import LayerSpec
+from el_export.model.models import ModelSpec, Seq2SeqLM
 
 
 def spec_from_config(config) -> ModelSpec:

@@ -8,8 +8,8 @@ no bias; the shared blocks' zero bias is exact (and EL drops key biases anyway).
 import torch
 
 from el_export.families import Family, register
-from el_export.layers import LayerSpec
-from el_export.models import ModelSpec, Seq2SeqLM
+from el_export.model.layers import LayerSpec
+from el_export.model.models import ModelSpec, Seq2SeqLM
 
 
 def spec_from_config(config) -> ModelSpec:

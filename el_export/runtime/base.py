@@ -7,41 +7,14 @@ load bundle files from the bytes `read` checked, and check the contract against 
 """
 
 import contextlib
-import re
 
 import torch
 
-from el_export.bundle import GraphEntry, Manifest, read_file
-from el_export.errors import BackendError, BundleError, InputError
-
-DTYPES = {"int64": torch.int64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DERIVED = re.compile(r"^(\w+)\+(\d+)$")  # "past+1": an axis defined by another one
-
-
-def resolve_axes(graph: GraphEntry, feeds: dict[str, torch.Tensor], graph_name: str) -> dict[str, int]:
-    """Bind every symbolic axis of a graph's inputs to a size, checking that they agree."""
-    axes: dict[str, int] = {}
-    for spec in graph.inputs:
-        tensor = feeds.get(spec.name)
-        if tensor is None:
-            raise BackendError(f"{graph_name}: input {spec.name!r} was not given")
-        if tensor.dtype != DTYPES[spec.dtype]:
-            raise BackendError(f"{graph_name}: input {spec.name!r} is {tensor.dtype}, the graph takes {spec.dtype}")
-        if tensor.dim() != len(spec.shape):
-            raise BackendError(
-                f"{graph_name}: input {spec.name!r} has {tensor.dim()} dims, expected {list(spec.shape)}"
-            )
-        for axis, size in zip(spec.shape, tensor.shape, strict=True):
-            if isinstance(axis, int):
-                if size != axis:
-                    raise BackendError(
-                        f"{graph_name}: input {spec.name!r} has size {size} where the graph fixes {axis}"
-                    )
-            elif axes.setdefault(axis, size) != size:
-                raise BackendError(
-                    f"{graph_name}: axis {axis!r} is {size} in {spec.name!r} but {axes[axis]} in an earlier input"
-                )
-    return axes
+from el_export.contract.axes import output_shape, resolve_axes
+from el_export.contract.dtypes import torch_dtype
+from el_export.contract.files import read_file
+from el_export.contract.manifest import GraphEntry, Manifest
+from el_export.errors import BundleError, InputError
 
 
 def check_io(graph_name: str, graph: GraphEntry, inputs: dict, outputs: dict, fix: str) -> None:
@@ -80,20 +53,6 @@ def _fixed(shape) -> list:
     return [a if isinstance(a, int) else "*" for a in shape]
 
 
-def output_shape(shape: tuple, axes: dict[str, int]) -> list[int]:
-    out = []
-    for axis in shape:
-        if isinstance(axis, int):
-            out.append(axis)
-        elif axis in axes:
-            out.append(axes[axis])
-        elif (m := _DERIVED.match(axis.replace(" ", ""))) and m.group(1) in axes:
-            out.append(axes[m.group(1)] + int(m.group(2)))
-        else:
-            raise BackendError(f"output axis {axis!r} cannot be derived from the inputs")
-    return out
-
-
 class Backend:
     """Runs the graphs of one bundle. Tensors in and out are torch tensors on `self.device`."""
 
@@ -124,7 +83,7 @@ class Backend:
     def allocate_outputs(self, graph_name: str, axes: dict[str, int]) -> dict[str, torch.Tensor]:
         """Empty output tensors shaped by the contract, for backends that write into given buffers."""
         return {
-            spec.name: torch.empty(output_shape(spec.shape, axes), dtype=DTYPES[spec.dtype], device=self.device)
+            spec.name: torch.empty(output_shape(spec.shape, axes), dtype=torch_dtype(spec.dtype), device=self.device)
             for spec in self.manifest.graphs[graph_name].outputs
         }
 

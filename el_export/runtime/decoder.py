@@ -12,7 +12,8 @@ prompt is fed one token per step.
 
 import torch
 
-from el_export.runtime.base import DTYPES, Backend
+from el_export.contract.dtypes import torch_dtype
+from el_export.runtime.base import Backend
 
 
 class GraphDecoder:
@@ -34,7 +35,7 @@ class GraphDecoder:
                 continue
             if spec.name.startswith("past_") and spec.name not in self.context:
                 shape = [0 if a == "past" else B * k if a == "rows" else a for a in spec.shape]
-                self.state[spec.name] = torch.zeros(shape, dtype=DTYPES[spec.dtype], device=device)
+                self.state[spec.name] = torch.zeros(shape, dtype=torch_dtype(spec.dtype), device=device)
             elif "rows" in spec.shape:
                 self.state[spec.name] = self.context[spec.name].repeat_interleave(k, dim=spec.shape.index("rows"))
             else:

@@ -9,15 +9,13 @@ import posixpath
 import threading
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
-from el_export.bundle import MANIFEST
+from el_export.contract.dtypes import name_of, numpy_dtype
+from el_export.contract.manifest import MANIFEST
 from el_export.errors import BackendError, BundleError, first_line
 from el_export.runtime.base import Backend, check_io
-
-_NUMPY = {torch.int64: np.int64, torch.float32: np.float32, torch.float16: np.float16}
 
 
 class OnnxRuntimeBackend(Backend):
@@ -83,10 +81,9 @@ class OnnxRuntimeBackend(Backend):
         outputs = self.allocate_outputs(graph_name, axes)
         binding = self.sessions[graph_name].io_binding()
         kind, index = self.device.type, self.device.index or 0
-        for name, tensor in feeds.items():
-            binding.bind_input(name, kind, index, _NUMPY[tensor.dtype], list(tensor.shape), tensor.data_ptr())
-        for name, tensor in outputs.items():
-            binding.bind_output(name, kind, index, _NUMPY[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        for bind, tensors in ((binding.bind_input, feeds), (binding.bind_output, outputs)):
+            for name, t in tensors.items():
+                bind(name, kind, index, numpy_dtype(name_of(t.dtype)), list(t.shape), t.data_ptr())
         self.sessions[graph_name].run_with_iobinding(binding)
         return outputs
 

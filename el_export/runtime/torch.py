@@ -10,11 +10,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from el_export.bundle import Manifest
+from el_export.contract.dtypes import FLOAT_NAMES, torch_dtype
+from el_export.contract.manifest import Manifest
 from el_export.errors import BackendError, InvalidArgumentError
 from el_export.runtime.base import Backend
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class TorchBackend(Backend):
@@ -185,16 +184,16 @@ def load_torch(
         InvalidArgumentError, BackendError, CheckpointError, UnsupportedModelError.
     """
     from el_export.export import describe, load_checkpoint
+    from el_export.export.graphs import graphs_for
     from el_export.families import build_from_hf
-    from el_export.generator import Generator
-    from el_export.graphs import graphs_for
-    from el_export.models import MODES
-    from el_export.tokenizer import Tokenizer
+    from el_export.model.models import MODES
+    from el_export.runtime.generator import Generator
+    from el_export.runtime.tokenizer import Tokenizer
 
     if mode not in MODES:
         raise InvalidArgumentError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    if dtype not in DTYPES:
-        raise InvalidArgumentError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype not in FLOAT_NAMES:
+        raise InvalidArgumentError(f"dtype {dtype!r} is not one of {', '.join(FLOAT_NAMES)}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendError("the torch backend was asked for CUDA, but torch sees no CUDA device here")
@@ -203,7 +202,7 @@ def load_torch(
     built, family = build_from_hf(model)
     if (static_cache or cuda_graphs) and family.kind != "seq2seq":
         raise InvalidArgumentError("static_cache / cuda_graphs are implemented for encoder-decoder models only")
-    built = built.to(device=device, dtype=DTYPES[dtype])
+    built = built.to(device=device, dtype=torch_dtype(dtype))
     graphs = [g.eval() for g in graphs_for(built, mode)]
     manifest = describe(model, graphs, family)
     mel_filters = None

@@ -12,7 +12,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from el_export.bundle import MANIFEST, Manifest, file_entries, read_manifest, write_manifest, writing_bundle
+from el_export.contract.files import file_entries, read_manifest, write_manifest, writing_bundle
+from el_export.contract.manifest import MANIFEST, Manifest
 from el_export.errors import BackendError, InvalidArgumentError, first_line
 from el_export.trt.precision import PRECISIONS, PrecisionPlan, fp32_tensors, hold_fp32, plan_precision
 from el_export.trt.profiles import Limits, axis_ranges, graph_profiles
@@ -52,8 +53,6 @@ def build_engines(
         InvalidArgumentError: limits past the model's positions, or a precision this bundle cannot give.
         BackendError: TensorRT or a GPU is missing, or TensorRT could not build a graph.
     """
-    from el_export.families import family_named
-
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     if manifest.quantization:
@@ -68,9 +67,8 @@ def build_engines(
 
     if not torch.cuda.is_available():
         raise BackendError("building TensorRT engines needs an NVIDIA GPU, and none is visible here")
-    family = family_named(manifest.family)
     own = next(p for p, d in PRECISIONS.items() if d == manifest.dtype)
-    plan = plan_precision(manifest, precision or own, trt.__version__, family.fp32_modules)
+    plan = plan_precision(manifest, precision or own, trt.__version__, manifest.fp32_modules.get("patterns", ()))
     pinned = {}
     with writing_bundle(bundle_dir / ENGINES, overwrite=True) as tmp:
         for name, graph in manifest.graphs.items():
@@ -78,7 +76,7 @@ def build_engines(
         engine_files = {f"{ENGINES}/{k}": v for k, v in file_entries(tmp).items()}
     gpu = {"name": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability())}
     files = {k: v for k, v in manifest.files.items() if not k.startswith(f"{ENGINES}/")}
-    engines = engines_record(manifest, plan, limits, trt.__version__, gpu, _fp32_record(manifest, plan, family, pinned))
+    engines = engines_record(manifest, plan, limits, trt.__version__, gpu, _fp32_record(manifest, plan, pinned))
     updated = replace(manifest, files={**files, **engine_files}, engines=engines)
     _replace_manifest(bundle_dir, updated)
     return updated
@@ -141,7 +139,7 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: dict, plan: Precisio
     return sum(pinned)
 
 
-def _fp32_record(manifest: Manifest, plan: PrecisionPlan, family, pinned: dict[str, int]) -> dict:
+def _fp32_record(manifest: Manifest, plan: PrecisionPlan, pinned: dict[str, int]) -> dict:
     """What stays fp32 in reduced-precision engines, and how."""
     if plan.precision == "fp32":
         return {}
@@ -151,7 +149,7 @@ def _fp32_record(manifest: Manifest, plan: PrecisionPlan, family, pinned: dict[s
         return {}
     return {
         "modules": list(plan.keep_fp32),
-        "reason": family.fp32_reason,
+        "reason": manifest.fp32_modules.get("reason", ""),
         "how": "layer precision constraints",
         "layers": pinned,
     }

@@ -23,7 +23,7 @@ import fnmatch
 import os
 from dataclasses import dataclass
 
-from el_export.bundle import Manifest
+from el_export.contract.manifest import Manifest
 from el_export.errors import BackendError, InvalidArgumentError
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # engine precision -> bundle dtype

@@ -14,7 +14,7 @@ batch and rows (what a throughput run fills) and the middle of the range for len
 
 from dataclasses import asdict, dataclass
 
-from el_export.bundle import Manifest
+from el_export.contract.manifest import Manifest
 from el_export.errors import InvalidArgumentError
 
 DEFAULT_SOURCE = 512  # source (or prompt) tokens when the model has no position limit (T5's relative positions)

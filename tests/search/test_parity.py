@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from el_export.search import SearchOutput, generate_ids, resolve_options
+from el_export.tolerance import SEARCH_SCORE_TOLERANCE
 
 from .conftest import TinyModel
 from .hf_decoder import HFStepDecoder
@@ -44,7 +45,7 @@ def assert_same(ours: SearchOutput, ref) -> None:
     if ref.get("beam_indices") is None:
         assert ours.sequences_scores is None and ours.beam_indices is None
     else:
-        torch.testing.assert_close(ours.sequences_scores, ref.sequences_scores, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.sequences_scores, ref.sequences_scores, rtol=0, atol=SEARCH_SCORE_TOLERANCE)
         torch.testing.assert_close(ours.beam_indices, ref.beam_indices, rtol=0, atol=0)
 
 

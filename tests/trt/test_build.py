@@ -10,8 +10,9 @@ from dataclasses import replace
 import pytest
 
 import el_export
-from el_export.bundle import Manifest, file_entries, read_manifest, write_manifest
 from el_export.cli import main
+from el_export.contract.files import file_entries, read_manifest, write_manifest
+from el_export.contract.manifest import Manifest
 from el_export.errors import BackendError, BundleError, InvalidArgumentError
 from el_export.trt.build import build_engines, engines_record
 from el_export.trt.precision import PrecisionPlan
@@ -129,7 +130,7 @@ def test_the_trt_modules_import_without_tensorrt_and_polygraphy():
         "            raise ImportError(name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import el_export.trt.ops, el_export.trt.lint, el_export.trt.profiles, el_export.trt.precision\n"
-        "import el_export.trt.build, el_export.compare, el_export.cli\n"
+        "import el_export.trt.build, el_export.evaluation.compare, el_export.cli\n"
     )
     result = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

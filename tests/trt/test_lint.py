@@ -4,11 +4,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from el_export.bundle import read_manifest
+from el_export.contract.files import read_manifest
 from el_export.errors import ExportError
 from el_export.export import export_model
-from el_export.models import MODES
-from el_export.tiny import DECODER_ONLY, FAMILIES, SPEECH, tiny_model
+from el_export.model.models import MODES
+from el_export.testing.tiny import DECODER_ONLY, FAMILIES, SPEECH, tiny_model
 from el_export.trt import ops
 from el_export.trt.lint import check_onnx, lint_onnx
 

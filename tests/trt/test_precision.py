@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import onnx
 import pytest
 
-from el_export.bundle import read_manifest
+from el_export.contract.files import read_manifest
 from el_export.errors import BackendError, InvalidArgumentError
 from el_export.trt.precision import NAME_SCOPES, PrecisionPlan, fp32_tensors, hold_fp32, plan_precision
 

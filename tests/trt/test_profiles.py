@@ -4,10 +4,10 @@ import pytest
 
 from el_export.errors import InvalidArgumentError
 from el_export.export import describe
+from el_export.export.graphs import graphs_for
 from el_export.families import build_from_hf
-from el_export.graphs import graphs_for
-from el_export.models import MODES
-from el_export.tiny import DECODER_ONLY, FAMILIES, SPEECH, tiny_model
+from el_export.model.models import MODES
+from el_export.testing.tiny import DECODER_ONLY, FAMILIES, SPEECH, tiny_model
 from el_export.trt.profiles import Limits, axis_ranges, graph_profiles
 
 

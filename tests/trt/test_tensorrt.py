@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import el_export
-from el_export.bundle import read_manifest
 from el_export.cli import main
-from el_export.compare import compare_graphs
+from el_export.contract.files import read_manifest
 from el_export.errors import BackendError
+from el_export.evaluation.compare import compare_graphs
 from el_export.families import build_from_hf
-from el_export.tiny import tiny_model, write_tiny_checkpoint
+from el_export.testing.tiny import tiny_model, write_tiny_checkpoint
 from el_export.trt.build import build_engines
 from el_export.trt.profiles import Limits
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from el_export.bundle import read_file
+from el_export.contract.files import read_file
 from el_export.errors import BundleError, InputError, first_line
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from el_export.attention import additive_mask
-from el_export.layers import DecoderLayer, EncoderLayer, LayerSpec, make_norm
-from el_export.positions import RelativePositionBias
+from el_export.model.attention import additive_mask
+from el_export.model.layers import DecoderLayer, EncoderLayer, LayerSpec, make_norm
+from el_export.model.positions import RelativePositionBias
 
 MODES = ("el", "kv")
 

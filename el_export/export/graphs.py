@@ -21,29 +21,12 @@ Caches are one tensor per layer, as HF/Optimum graphs take them: ONNX has no vie
 Symbolic axes: "batch" (B), "rows" (N), "source" (S), "past" (t), "prompt" (P), "context" (P+t), "x+1".
 """
 
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from el_export.models import MODES, DecoderOnlyLM, Seq2SeqLM
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: ints are fixed sizes, strings are symbolic (dynamic) axes."""
-
-    name: str
-    dtype: str
-    shape: tuple
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "TensorSpec":
-        return cls(data["name"], data["dtype"], tuple(data["shape"]))
-
+from el_export.contract.manifest import TensorSpec
+from el_export.model.models import MODES, DecoderOnlyLM, Seq2SeqLM
 
 # Sizes used to trace. Each dynamic axis gets a distinct value >= 2 so that the exporter can neither
 # specialise it (0/1) nor unify it with another axis of the same size.

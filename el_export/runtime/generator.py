@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from el_export import memory, speech
-from el_export.bundle import Manifest, read_file, read_manifest
+from el_export.contract.files import read_file, read_manifest
+from el_export.contract.manifest import Manifest
 from el_export.errors import BundleError, InputError, InvalidArgumentError, ResourceError, first_line
-from el_export.runtime import make_backend
+from el_export.runtime import make_backend, memory, speech
+from el_export.runtime.tokenizer import Tokenizer
 from el_export.search import SearchOutput, concat_outputs, generate_ids, resolve_options
-from el_export.tokenizer import Tokenizer
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 

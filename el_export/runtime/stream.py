@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from el_export.bundle import MANIFEST
+from el_export.contract.manifest import MANIFEST
 from el_export.errors import InputError, InvalidArgumentError
 
 JOB_FORMAT = 1

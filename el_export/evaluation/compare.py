@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from el_export.errors import CheckpointError, InvalidArgumentError
-from el_export.graphs import graphs_for, sample_inputs
-from el_export.tokenizer import padding
+from el_export.export.graphs import graphs_for, sample_inputs
+from el_export.runtime.tokenizer import padding
 from el_export.tolerance import GRAPH_TOLERANCE, SCORE_TOLERANCE, graph_atol, graph_close
 
 COMPARE_SIZES = (
@@ -406,9 +406,9 @@ def _text_inputs(generator, batch_size: int) -> Inputs:
 def _speech_inputs(generator, reference: str, audio: list) -> tuple[Inputs, Check]:
     """The clips for both sides: the bundle reads the files itself, HF gets the checkpoint's feature extractor's
     features; a check compares the two sets of features."""
-    from el_export import speech
-    from el_export.audio import load_audio
     from el_export.export import load_feature_extractor
+    from el_export.runtime import speech
+    from el_export.runtime.audio import load_audio
 
     extractor = load_feature_extractor(reference)
     if extractor is None:
@@ -457,7 +457,7 @@ def compare_bundle(
             `generate` do.
     """
     import el_export
-    from el_export.demo import CLIPS
+    from el_export.evaluation.demo import CLIPS
     from el_export.export import describe, load_checkpoint
     from el_export.families import build_from_hf, cast
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from el_export.bundle import Manifest, write_manifest, writing_bundle
-from el_export.cache import Workload
+from el_export.contract.cache import Workload
+from el_export.contract.files import write_manifest, writing_bundle
+from el_export.contract.manifest import Manifest
 from el_export.errors import InvalidArgumentError
-from el_export.models import MODES
+from el_export.model.models import MODES
 
 DEFAULTS = {"batch_size": 8, "num_beams": 4, "source_len": 512, "new_tokens": 16}
 

@@ -19,7 +19,8 @@ heads: its attention is O(S^2), the rest O(S d). Per input:
 
 from dataclasses import dataclass
 
-BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2}
+from el_export.contract.dtypes import BYTES
+
 # [h, S, S] tensors alive at once per input in one layer (scores, mask-added scores, softmax), measured on ONNX
 # Runtime CPU at S = 2000: BART 2.0, GPT-2 2.3, T5 3 per input plus its relative bias, shared by the batch.
 # Counted in float32 even for float16 graphs, whose softmax may run in float32.
@@ -56,7 +57,7 @@ def cache_bytes(mode: str, dims: dict, workload: Workload, dtype: str = "float32
     """Bytes of decoder state at the end of decoding `workload` in `mode` ("el" or "kv")."""
     L, d, d_a = dims["decoder_layers"], dims["d_model"], dims["heads"] * dims["d_head"]
     B, N, S, T = workload.batch_size, workload.rows, workload.source_len, workload.new_tokens
-    size = BYTES_PER_ELEMENT[dtype]
+    size = BYTES[dtype]
     if mode == "el":
         context = B * S * d if kind == "seq2seq" else L * B * S * d
         return CacheBytes(context=context * size, generated=L * N * T * d * size)
@@ -68,8 +69,8 @@ def cache_bytes(mode: str, dims: dict, workload: Workload, dtype: str = "float32
 def encoder_bytes(dims: dict, batch: int, source_len: int, dtype: str = "float32") -> int:
     """Peak activation bytes of one encoder (or prefill) call over `batch` inputs of `source_len` positions.
     Relative positions (T5) have no length limit, so this is the only bound on how long an input may be."""
-    attention = ATTENTION_COPIES * batch * dims["heads"] * source_len**2 * BYTES_PER_ELEMENT["float32"]
-    linear = LINEAR_COPIES * batch * source_len * dims["d_model"] * BYTES_PER_ELEMENT[dtype]
+    attention = ATTENTION_COPIES * batch * dims["heads"] * source_len**2 * BYTES["float32"]
+    linear = LINEAR_COPIES * batch * source_len * dims["d_model"] * BYTES[dtype]
     return attention + linear
 
 

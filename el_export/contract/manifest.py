@@ -1,30 +1,35 @@
-"""The bundle: the contract between export time and run time.
+"""The manifest: what a bundle holds and what each graph takes and returns, validated field by field.
 
-A directory holding `manifest.json` and the files it names (graphs, external weights, tokenizer).
-The runtime reads only this: no `transformers`, no original checkpoint. Readers refuse a format
-version they do not know, a file whose sha256 differs from the manifest, any file name that would
-leave the bundle directory, and links or anything but plain files inside it. The runtime reads each
-file it uses once, into memory, and uses the bytes it checked (`read_file`).
+The schema alone, no file access (`contract.files` reads and writes bundle directories). Readers refuse a format
+version they do not know.
 """
 
-import errno
-import hashlib
-import json
-import os
 import re
-import shutil
-import stat
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from el_export.errors import BundleError, InvalidArgumentError, first_line
-from el_export.graphs import TensorSpec
+from el_export.contract.dtypes import NAMES
+from el_export.errors import BundleError
 
 FORMAT = "el-export-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: ints are fixed sizes, strings are symbolic (dynamic) axes."""
+
+    name: str
+    dtype: str
+    shape: tuple
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TensorSpec":
+        return cls(data["name"], data["dtype"], tuple(data["shape"]))
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,9 @@ class Manifest:
         for key in ("exporter", "source", "fp32_modules", "audio", "engines", "mode_choice"):
             if not isinstance(data.get(key) or {}, dict):
                 raise BundleError(f"manifest field {key!r} is not an object")
+        patterns = (data.get("fp32_modules") or {}).get("patterns", [])
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise BundleError("manifest fp32_modules.patterns is not a list of module name patterns")
         _check_dims(data["dims"])
         vocab = data["dims"]["vocab_size"]
         _check_token_ids("special_tokens", data["special_tokens"], vocab, all_keys=True)
@@ -188,7 +196,6 @@ class Manifest:
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _AXIS = re.compile(r"^[a-z_]+(\+\d+)?$")
-_DTYPES = ("int64", "float32", "float16", "bfloat16")
 _LIMIT = 2**31  # dims, fixed axis sizes and token ids stay below it: int32 range, which engines index with
 # generation_defaults keys holding token ids: these lists, *_token_id, and *_to_id (Whisper's language and task maps)
 _TOKEN_LISTS = ("suppress_tokens", "begin_suppress_tokens")
@@ -208,7 +215,7 @@ def _graph_entry(name: str, entry) -> GraphEntry:
             ok = (
                 isinstance(item, dict)
                 and isinstance(item.get("name"), str)
-                and item.get("dtype") in _DTYPES
+                and item.get("dtype") in NAMES
                 and isinstance(item.get("shape"), list)
                 and all(
                     (isinstance(a, int) and not isinstance(a, bool) and a >= 0)
@@ -304,170 +311,3 @@ def _safe_name(name: str) -> None:
     parts = name.split("/")
     if not name or Path(name).is_absolute() or "\\" in name or any(p in ("", ".", "..") for p in parts):
         raise BundleError(f"manifest names file {name!r}, which is outside the bundle directory")
-
-
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_entries(directory: Path) -> dict[str, dict]:
-    """sha256 and size of every file in a directory being written as a bundle (manifest excluded)."""
-    entries = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            entries[path.relative_to(directory).as_posix()] = {"sha256": sha256(path), "bytes": path.stat().st_size}
-    return entries
-
-
-def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True, hash_files: bool = True) -> Manifest:
-    """Read and validate a bundle's manifest; with `verify`, check that every file is there, a plain file of its
-    size and (`hash_files`) sha256. A loader passes hash_files=False and hashes what it reads (`read_file`).
-
-    Raises:
-        BundleError: the directory, manifest or a file is missing, malformed or corrupted.
-    """
-    bundle_dir = Path(bundle_dir)
-    if not bundle_dir.is_dir():
-        raise BundleError(f"bundle directory {bundle_dir} does not exist; create one with `el-export export`")
-    path = bundle_dir / MANIFEST
-    if not os.path.lexists(path):
-        raise BundleError(f"{bundle_dir} has no {MANIFEST}: not a bundle, or an export that did not finish")
-    with _open(bundle_dir, MANIFEST) as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except RecursionError:
-        raise BundleError(f"{path} is not valid JSON (nested too deeply)") from None
-    except ValueError as e:  # malformed JSON, not UTF-8, or an integer past Python's digit limit
-        raise BundleError(f"{path} is not valid JSON ({first_line(e)})") from None
-    manifest = Manifest.from_json(data)
-    if verify:
-        for name, entry in manifest.files.items():
-            with _open(bundle_dir, name) as f:
-                _check_size(f, bundle_dir / name, entry)
-                if hash_files and hashlib.file_digest(f, "sha256").hexdigest() != entry["sha256"]:
-                    raise _changed(bundle_dir / name)
-    return manifest
-
-
-def read_file(bundle_dir: str | os.PathLike, manifest: Manifest, name: str, verify: bool = True) -> bytes:
-    """The bytes of listed file `name`, read once: what the sha256 was checked on is what the caller uses (a
-    file swapped after the check is never read).
-
-    Raises:
-        BundleError: the file is missing, a link, not a regular file, or (with `verify`) changed.
-    """
-    bundle_dir = Path(bundle_dir)
-    with _open(bundle_dir, name) as f:
-        if verify:
-            _check_size(f, bundle_dir / name, manifest.files[name])
-        data = f.read()
-    if verify and sha256_bytes(data) != manifest.files[name]["sha256"]:
-        raise _changed(bundle_dir / name)
-    return data
-
-
-def _open(bundle_dir: Path, name: str):
-    """Open `name` in the bundle for reading through no symbolic link, so nothing resolves outside the bundle
-    (O_NOFOLLOW on every part, each opened relative to the last); FIFOs open without blocking and are refused."""
-    path = bundle_dir / name
-    parts = name.split("/")
-    try:
-        directory = os.open(bundle_dir, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as e:
-        raise BundleError(f"cannot open bundle directory {bundle_dir} ({e.strerror})") from None
-    try:
-        for part in parts[:-1]:
-            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory)
-            os.close(directory)
-            directory = inner
-        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
-    except OSError as e:  # O_NOFOLLOW refuses a link with ELOOP, or with ENOTDIR where a directory was expected
-        if e.errno in (errno.ELOOP, errno.ENOTDIR) and any(
-            os.path.islink(bundle_dir.joinpath(*parts[: i + 1])) for i in range(len(parts))
-        ):
-            raise BundleError(
-                f"{path} is a symbolic link (or inside one); a bundle holds plain files: copy the file in, or re-export"
-            ) from None
-        if e.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise BundleError(f"bundle {bundle_dir} is missing {name}; re-export it") from None
-        raise BundleError(f"cannot read {path} ({e.strerror})") from None
-    finally:
-        os.close(directory)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise BundleError(f"{path} is not a regular file (a directory, FIFO or device); re-export the bundle")
-    return os.fdopen(fd, "rb")
-
-
-def _check_size(f, path: Path, entry: dict) -> None:
-    """A size that differs from the manifest's is a changed file, found before reading it all."""
-    if os.fstat(f.fileno()).st_size != entry["bytes"]:
-        raise _changed(path)
-
-
-def _changed(path: Path) -> BundleError:
-    return BundleError(f"{path} does not match the sha256 in {MANIFEST}: the file is corrupted or was changed")
-
-
-@contextmanager
-def writing_bundle(out_dir: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary directory that becomes `out_dir` only if the block finishes.
-
-    A failed export leaves nothing behind; an existing bundle is replaced only with `overwrite`, and nothing but an
-    el-export bundle (or a directory inside one: its TensorRT engines) is ever replaced. The result gets the
-    permissions the umask allows (mkdtemp's are 0700), so a server running as another user can read it.
-    """
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() or out_dir.is_symlink():
-        if not overwrite:
-            raise InvalidArgumentError(f"{out_dir} already exists; choose another --out or pass --overwrite")
-        if out_dir.is_symlink() or not (_is_bundle(out_dir) or (out_dir.is_dir() and _is_bundle(out_dir.parent))):
-            raise InvalidArgumentError(
-                f"{out_dir} is not an el-export bundle (no manifest.json of format {FORMAT}); --overwrite replaces "
-                "only bundles: choose another --out"
-            )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        yield tmp
-        _allow_umask(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "bundle")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _is_bundle(path: Path) -> bool:
-    """A real directory (not a link) whose manifest.json says it is an el-export bundle."""
-    try:
-        data = json.loads((path / MANIFEST).read_bytes()) if path.is_dir() and not path.is_symlink() else None
-    except (OSError, ValueError):  # unreadable or not JSON: not a bundle to replace
-        return False
-    return isinstance(data, dict) and data.get("format") == FORMAT
-
-
-def _allow_umask(directory: Path) -> None:
-    """Give a directory tree the modes the umask allows: 0777 & ~umask for directories, 0666 & ~umask for files."""
-    probe = directory / ".umask"
-    probe.mkdir()  # mkdir applies the umask to 0777; reading it this way leaves the process umask untouched
-    dirs = stat.S_IMODE(probe.stat().st_mode)
-    probe.rmdir()
-    for path in [directory, *directory.rglob("*")]:
-        if not path.is_symlink():
-            path.chmod(dirs if path.is_dir() else dirs & 0o666)
-
-
-def write_manifest(directory: Path, manifest: Manifest) -> None:
-    (directory / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")

@@ -1,0 +1,1 @@
+"""Proof and measurement on top of the public API: compare, bench, demo."""

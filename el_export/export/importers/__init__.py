@@ -1,0 +1,1 @@
+"""Other model formats turned into Hugging Face checkpoints."""

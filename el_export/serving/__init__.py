@@ -1,0 +1,1 @@
+"""Serving bundles through Triton."""

@@ -1,0 +1,301 @@
+"""Requests -> answers: the requests that arrive together become as few searches as possible.
+
+Triton's dynamic batcher hands the model the requests that arrived within `max_queue_delay_us` (up to
+`max_batch_size` inputs). `BatchRunner` merges those with the same generation parameters (and the same
+kind of input) into ONE `generate` call, so the EL decoder's one-encoder-copy-per-input is shared
+across users; requests with different parameters form separate groups, each one call. Search treats
+every input on its own (only padding depends on the neighbours), so each answer equals `generate` on
+that input alone: the runner crops each input's rows back to what that call would return. A refused
+request gets its own one-line error; its neighbours in the batch get their answers.
+"""
+
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from el_export.errors import ElExportError, InputError, InvalidArgumentError
+from el_export.runtime.audio import load_audio
+from el_export.runtime.tokenizer import pad_ids, padding
+
+
+@dataclass(frozen=True)
+class ServingTensor:
+    """One model input or output, per input of the batch (Triton adds the batch axis in front)."""
+
+    name: str
+    dtype: str  # numpy name: "bytes", "int64", "float32"
+    shape: tuple[int, ...]  # -1: any length
+    ragged: bool = False  # lengths may differ between the requests of one batch
+
+
+TEXT_INPUTS = (
+    ServingTensor("text", "bytes", (1,)),  # UTF-8 text (text bundles with a tokenizer)
+    ServingTensor("input_ids", "int64", (-1,), ragged=True),
+    ServingTensor("attention_mask", "int64", (-1,), ragged=True),  # optional, with input_ids: 0 on padding
+)
+SPEECH_INPUTS = (
+    ServingTensor("audio", "bytes", (1,)),  # the bytes of a WAV or FLAC file at the model's sample rate
+    ServingTensor("samples", "float32", (-1,), ragged=True),  # mono samples at the model's sample rate
+)
+OUTPUTS = (
+    ServingTensor("text", "bytes", (-1,)),  # [R]: decoded (decoder-only: the continuation)
+    ServingTensor("sequences", "int64", (-1, -1)),  # [R, T]: token ids as `generate` returns them
+    ServingTensor("scores", "float32", (-1,)),  # [R]: beam search's sequences_scores; NaN for greedy and sampling
+)
+
+# Generation arguments a request may set (as Triton request parameters), with the types accepted.
+PARAMETERS: dict[str, tuple[type, ...]] = {
+    "num_beams": (int,), "num_return_sequences": (int,), "max_new_tokens": (int,), "min_new_tokens": (int,),
+    "length_penalty": (float, int), "early_stopping": (bool, str), "no_repeat_ngram_size": (int,),
+    "repetition_penalty": (float, int), "do_sample": (bool,), "temperature": (float, int), "top_k": (int,),
+    "top_p": (float, int), "seed": (int,), "language": (str,), "task": (str,), "truncation": (bool,),
+}  # fmt: skip
+
+
+def model_inputs(manifest) -> tuple[ServingTensor, ...]:
+    """The inputs a bundle's model takes: audio for speech bundles, text or token ids otherwise."""
+    return SPEECH_INPUTS if manifest.audio else TEXT_INPUTS
+
+
+@dataclass(frozen=True)
+class RequestCaps:
+    """The most one request may ask for, so that no client makes the server search or tokenize without bound.
+    Each is refused in one line that names its flag (`serve` and `triton-repo` take the same ones)."""
+
+    max_num_beams: int = 16  # num_beams and num_return_sequences: rows per input
+    max_new_tokens: int = 512
+    max_text_bytes: int = 262_144  # per text input, UTF-8, checked before tokenizing
+
+    FLAGS: ClassVar[dict[str, str]] = {"max_num_beams": "--max-num-beams", "max_new_tokens": "--max-new-tokens-limit",
+                                       "max_text_bytes": "--max-text-bytes"}  # fmt: skip
+
+    def check(self) -> None:
+        """Raises InvalidArgumentError for a cap below 1."""
+        for name, flag in self.FLAGS.items():
+            if getattr(self, name) < 1:
+                raise InvalidArgumentError(f"{flag} must be at least 1, got {getattr(self, name)}")
+
+    def refuse(self, name: str, value: int, cap_name: str) -> InvalidArgumentError:
+        """The one-line error for `name` = `value` over the cap `cap_name`."""
+        cap, flag = getattr(self, cap_name), self.FLAGS[cap_name]
+        return InvalidArgumentError(f"{name} {value} is over this server's limit of {cap}; ask for at most {cap}, "
+                                    f"or start the server with a higher {flag}")  # fmt: skip
+
+
+@dataclass
+class _Request:
+    items: list  # per input: token ids (list[int]) or mono float32 samples
+    kwargs: dict  # generation arguments
+    key: tuple  # requests with equal keys share one search
+
+
+class BatchRunner:
+    """Requests -> answers, with one `generate` call per group of requests that can share it.
+
+    Args:
+        generator: a loaded `Generator` (thread-safe: one runner may serve several model instances).
+        caps: the most one request may ask for (default: `RequestCaps()`).
+    """
+
+    def __init__(self, generator, caps: RequestCaps | None = None):
+        self.generator = generator
+        self.caps = caps or RequestCaps()
+        manifest = generator.manifest
+        self.speech = bool(manifest.audio)
+        self.decoder_only = manifest.kind == "decoder-only"
+        pad, self.padding_side = padding(manifest)
+        self.pad_token_id = 0 if pad is None else pad
+        defaults = {**manifest.special_tokens, **manifest.generation_defaults}
+        eos = defaults.get("eos_token_id")
+        self.eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else eos, dtype=torch.int64)
+
+    def __call__(self, requests: list[tuple[dict, dict | None]]) -> list[dict | ElExportError]:
+        """Answer a batch of requests.
+
+        Args:
+            requests: per request, its input tensors by name (each with the batch axis first) and
+                its parameters (generation arguments under HF's names).
+
+        Returns:
+            Per request, its output tensors by name (`OUTPUTS`, batch axis first), or the error that
+            refused it (without traceback). One request's error never fails another.
+        """
+        results: list[dict | ElExportError | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        parsed: dict[int, _Request] = {}
+        for i, (data, parameters) in enumerate(requests):
+            try:
+                parsed[i] = self._parse(data, parameters or {}, i)
+            except ElExportError as e:
+                results[i] = _detached(e)
+                continue
+            groups.setdefault(parsed[i].key, []).append(i)
+        for members in groups.values():
+            try:
+                answers = self._search([parsed[i] for i in members])
+            except ElExportError as e:
+                if len(members) == 1:
+                    results[members[0]] = _detached(e)
+                    continue
+                answers = []  # find the request at fault: the others still get their answers
+                for i in members:
+                    try:
+                        answers.extend(self._search([parsed[i]]))
+                    except ElExportError as alone:
+                        answers.append(_detached(alone))
+            for i, answer in zip(members, answers, strict=True):
+                results[i] = answer
+        return results
+
+    def _parse(self, data: dict, parameters: dict, index: int) -> _Request:
+        kwargs = _check_parameters(parameters, self.caps)
+        truncation = kwargs.pop("truncation", False)
+        names = sorted(name for name, value in data.items() if value is not None)
+        kinds = ("audio", "samples") if self.speech else ("text", "input_ids")
+        given = [name for name in kinds if name in names]
+        if len(given) != 1 or not set(names) <= {*kinds, "attention_mask"}:
+            raise InvalidArgumentError(f"give exactly one of the inputs {' or '.join(kinds)}; got {', '.join(names)}")
+        if "attention_mask" in names and given != ["input_ids"]:
+            raise InvalidArgumentError("attention_mask goes with input_ids")
+        values = np.asarray(data[given[0]])
+        if values.ndim != 2 or values.shape[0] == 0:
+            raise InputError(f"input {given[0]} must be [batch, length], got shape {list(values.shape)}")
+        read = {"text": self._text_items, "input_ids": self._input_ids_items, "audio": self._audio_items,
+                "samples": self._samples_items}[given[0]]  # fmt: skip
+        items = read(values, data.get("attention_mask"), truncation)
+        key = tuple(sorted(kwargs.items()))
+        if kwargs.get("do_sample") and "seed" in kwargs:  # a seeded draw depends on the batch: run it alone
+            key += ("alone", index)
+        if self.decoder_only and "max_new_tokens" not in kwargs:  # max_length counts the padded prompt
+            key += ("prompt", max(len(ids) for ids in items))
+        return _Request(items, kwargs, key)
+
+    def _text_items(self, values: np.ndarray, mask, truncation: bool) -> list[list[int]]:
+        tokenizer = self.generator.tokenizer
+        if tokenizer is None:
+            raise InvalidArgumentError("this bundle has no tokenizer: send input_ids instead of text")
+        cap = self.caps.max_text_bytes
+        for value in values[:, 0]:  # before decoding or tokenizing: both cost memory in proportion
+            size = len(value) if isinstance(value, bytes) else len(str(value).encode())
+            if size > cap:
+                raise InputError(f"a text input is {size} bytes, over this server's limit of {cap}; send "
+                                 "less text, or start the server with a higher --max-text-bytes")  # fmt: skip
+        texts = [_utf8(value) for value in values[:, 0]]
+        max_length = self.generator.max_source_positions
+        return [tokenizer.encode([text], max_length=max_length, truncation=truncation)[0][0].tolist() for text in texts]
+
+    def _input_ids_items(self, values: np.ndarray, mask, truncation: bool) -> list[list[int]]:
+        if not np.issubdtype(values.dtype, np.integer):
+            raise InputError(f"input_ids must be integers, got {values.dtype}")
+        if mask is None:
+            return [row.tolist() for row in values]
+        mask = np.asarray(mask)
+        if mask.shape != values.shape:
+            raise InputError(f"attention_mask {list(mask.shape)} does not match input_ids {list(values.shape)}")
+        return [row[keep != 0].tolist() for row, keep in zip(values, mask, strict=True)]
+
+    def _audio_items(self, values: np.ndarray, mask, truncation: bool) -> list[np.ndarray]:
+        rate = self.generator.manifest.audio["sampling_rate"]
+        return [load_audio(value if isinstance(value, bytes) else bytes(value), rate) for value in values[:, 0]]
+
+    def _samples_items(self, values: np.ndarray, mask, truncation: bool) -> list[np.ndarray]:
+        return [row.astype(np.float32) for row in values]
+
+    def _search(self, requests: list[_Request]) -> list[dict]:
+        """One `generate` call over every input of `requests`; each request's rows cropped back out."""
+        items = [item for request in requests for item in request.items]
+        kwargs = requests[0].kwargs
+        if self.speech:
+            out = self.generator.generate(audio=items, **kwargs)
+            prompt_width = 1  # the decoder prompt: only its first token (BART's start) may be an eos
+        else:
+            if any(len(ids) == 0 for ids in items):
+                raise InputError("an input has no tokens; give at least one token per input")
+            input_ids, mask = pad_ids(items, self.pad_token_id, self.padding_side)
+            out = self.generator.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+            prompt_width = input_ids.shape[1] if self.decoder_only else 1
+        sequences = out.sequences.cpu()  # [B * R, W]
+        R = sequences.shape[0] // len(items)
+        ends = self._row_ends(sequences, out.beam_indices, prompt_width)  # [B * R]
+        scores = torch.full((sequences.shape[0],), math.nan)
+        if out.sequences_scores is not None:
+            scores = out.sequences_scores.cpu().float()
+        answers, row = [], 0
+        for request in requests:
+            per_input = []
+            for item in request.items:
+                rows = slice(row, row + R)
+                start = prompt_width - len(item) if self.decoder_only else 0  # drop the batch's left padding
+                per_input.append((sequences[rows, start : int(ends[rows].max())], scores[rows], len(item)))
+                row += R
+            answers.append(self._answer(per_input))
+        return answers
+
+    def _row_ends(self, sequences: torch.Tensor, beam_indices, prompt_width: int) -> torch.Tensor:
+        """Per row, the column after its last token: what `generate` on its input alone would keep."""
+        if beam_indices is not None:  # -1 past each hypothesis' end
+            steps = beam_indices.shape[1]
+            return sequences.shape[1] - steps + (beam_indices.cpu() >= 0).sum(dim=1)
+        generated = sequences[:, prompt_width:]
+        is_eos = torch.isin(generated, self.eos)  # a row ends at its first eos, or runs to the last column
+        first = is_eos.int().argmax(dim=1)
+        return torch.where(is_eos.any(dim=1), prompt_width + first + 1, sequences.shape[1])
+
+    def _answer(self, per_input: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict:
+        """One request's output tensors: [n, R] texts and scores, [n, R, T] sequences (right-padded)."""
+        width = max(seqs.shape[1] for seqs, _, _ in per_input)
+        sequences = torch.stack(
+            [
+                torch.nn.functional.pad(seqs, (0, width - seqs.shape[1]), value=self.pad_token_id)
+                for seqs, _, _ in per_input
+            ]
+        )
+        tokenizer = self.generator.tokenizer
+        texts = []
+        for seqs, _, prompt_length in per_input:
+            generated = seqs[:, prompt_length:] if self.decoder_only else seqs
+            decoded = tokenizer.decode(generated) if tokenizer is not None else [""] * seqs.shape[0]
+            texts.append([text.encode() for text in decoded])
+        return {
+            "text": np.array(texts, dtype=np.object_),
+            "sequences": sequences.numpy(),
+            "scores": torch.stack([scores for _, scores, _ in per_input]).numpy().astype(np.float32),
+        }
+
+
+def _detached(error: ElExportError) -> ElExportError:
+    """`error` without its traceback and chained errors. Kept past its `except` block (in the results), those
+    hold the failed call's frames, whose locals (a long text's token ids) a reference cycle through the
+    results then keeps alive until a full garbage collection, which big allocations of ints never trigger."""
+    error.__traceback__ = error.__context__ = error.__cause__ = None
+    return error
+
+
+def _check_parameters(parameters: dict, caps: RequestCaps) -> dict:
+    """Request parameters -> generation arguments, with every unknown name, wrong type or value over a cap refused."""
+    unknown = sorted(set(parameters) - set(PARAMETERS))
+    if unknown:
+        raise InvalidArgumentError(f"unknown parameter {', '.join(unknown)}; known: {', '.join(PARAMETERS)}")
+    for name, value in parameters.items():
+        types = PARAMETERS[name]
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            raise InvalidArgumentError(f"parameter {name} must be {' or '.join(t.__name__ for t in types)}")
+    kwargs = dict(parameters)
+    if isinstance(kwargs.get("early_stopping"), str) and kwargs["early_stopping"] != "never":
+        raise InvalidArgumentError("parameter early_stopping must be true, false or 'never'")
+    for name, cap in (("num_beams", "max_num_beams"), ("num_return_sequences", "max_num_beams"),
+                      ("max_new_tokens", "max_new_tokens")):  # fmt: skip
+        if kwargs.get(name, 0) > getattr(caps, cap):
+            raise caps.refuse(name, kwargs[name], cap)
+    return kwargs
+
+
+def _utf8(value) -> str:
+    try:
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    except UnicodeDecodeError:
+        raise InputError("text inputs must be UTF-8") from None

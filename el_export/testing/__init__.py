@@ -1,0 +1,1 @@
+"""Seeded tiny checkpoints for the tests and the demos."""
