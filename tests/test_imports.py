@@ -113,3 +113,18 @@ def test_reading_a_manifest_loads_neither_models_nor_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_documented_imports_keep_working():
+    """What the README and repositories written by earlier versions import, through the new homes."""
+    code = (
+        "from el_export import load\n"
+        "from el_export.export import export_model\n"
+        "from el_export.runtime.torch import load_torch\n"
+        "from el_export.serve import ServeConfig, start, wait\n"
+        "from el_export.triton_repo import TritonPythonModel, shipped_server\n"
+        "import el_export.serving.triton_repo as home\n"
+        "assert TritonPythonModel is home.TritonPythonModel\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
