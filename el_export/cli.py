@@ -12,16 +12,26 @@ import re
 import sys
 from pathlib import Path
 
+from el_export import __version__, logs
 from el_export.errors import ElExportError, InvalidArgumentError
 
-DEFAULT_OUT = Path("graphs")
+DEFAULT_OUT = Path("graphs")  # git-ignored
+UNSET = "unset: the checkpoint's default"
+RECORD = (
+    'one JSON line per input: {"id", "input_sha256", "input", "outputs": [{"text", "token_ids", "score"}]}; id: '
+    "the input file's id (else its line, or the argument's number); token_ids: the generated sequence (decoder-only: "
+    "the continuation) up to its end token; score: beam search's sequence score, null for greedy and sampling"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args) or 0
+        if args.quiet and args.verbose:
+            raise InvalidArgumentError("--quiet and --verbose contradict each other; pass one of them")
+        with logs.verbosity(logs.QUIET if args.quiet else logs.VERBOSE if args.verbose else logs.NORMAL):
+            return args.run(args) or 0
     except ElExportError as e:
         print(f"el-export: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -31,56 +41,69 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="el-export",
         description="Export HF generation models with EL-attention decoders to ONNX, and generate from the bundles.",
+        formatter_class=_HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"el-export {__version__}",
+                        help="print el-export's version and exit")  # fmt: skip
+    _add_verbosity_arguments(parser, default=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="the command to run (el-export COMMAND --help: its options)")  # fmt: skip
 
-    p = sub.add_parser("export", help="export a checkpoint to a bundle of ONNX graphs")
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+
+    p = add("export", help="export a checkpoint to a bundle of ONNX graphs")
     p.add_argument("model", help="local checkpoint directory (or a hub id when a hub is reachable)")
     p.add_argument("--out", type=Path, help="bundle directory to create (default: graphs/<name>-<mode>)")
     p.add_argument("--mode", choices=("el", "kv", "auto"), default="el",
-                   help="decoder: EL-attention (default), K/V baseline, or auto: export both, time both on the "
-                        "workload below, keep the faster")  # fmt: skip
-    p.add_argument("--batch-size", type=int, help="auto: inputs per generate call to time (default 8)")
-    p.add_argument("--num-beams", type=int, help="auto: beams to time (default 4)")
-    p.add_argument("--source-len", type=int, help="auto: source (or prompt) tokens to time (default 512 or fewer)")
-    p.add_argument("--threads", type=int, help="auto: ONNX Runtime threads for the timing (default: all cores)")
+                   help="decoder: el (EL-attention), kv (the K/V-cache baseline), or auto (export both, time both on "
+                        "the workload below, keep the faster)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, help="auto: inputs per generate call to time (unset: 8)")
+    p.add_argument("--num-beams", type=int, help="auto: beams to time (unset: 4)")
+    p.add_argument("--source-len", type=int, help="auto: source (or prompt) tokens to time, at most the model's "
+                   "positions (unset: 512, or fewer to fit)")  # fmt: skip
+    p.add_argument("--threads", type=int, help="auto: ONNX Runtime threads for the timing (unset: all cores)")
     p.add_argument(
         "--dtype",
         choices=("float32", "float16"),
         default="float32",
         help="graph precision; float16 keeps the modules a family knows to overflow in float32",
     )
-    p.add_argument("--quantize", choices=("int8",), help="int8 weights (ONNX Runtime dynamic quantization; CPU)")
-    p.add_argument("--opset", type=int, help="ONNX opset, 18 to 24 (default: the exporter's)")
-    p.add_argument("--atol", type=float, help="accuracy check: absolute tolerance, replacing the default (scaled to "
-                   "each output's peak and the model's width; see el_export/tolerance.py)")  # fmt: skip
-    p.add_argument("--rtol", type=float, help="accuracy check: relative tolerance, replacing the default")
+    p.add_argument("--quantize", choices=("int8",),
+                   help="int8 weights (ONNX Runtime dynamic quantization; CPU) (unset: float weights)")  # fmt: skip
+    p.add_argument("--opset", type=int, help="ONNX opset, 18 to 24 (unset: the exporter's)")
+    p.add_argument("--atol", type=float, help="accuracy check: absolute tolerance (unset: scaled to each output's "
+                   "peak and the model's width; see el_export/tolerance.py)")  # fmt: skip
+    p.add_argument("--rtol", type=float, help="accuracy check: relative tolerance (unset: el_export/tolerance.py's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing el-export bundle at --out")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(run=_export)
 
-    p = sub.add_parser("generate", help="generate text (or transcripts) from a bundle")
-    p.add_argument("bundle", type=Path)
+    p = add("generate", help="generate text (or transcripts) from a bundle")
+    p.add_argument("bundle", type=Path, help="bundle directory (written by el-export export)")
     p.add_argument("text", nargs="*", help="input texts, or audio files for speech bundles (or use --input-file)")
     p.add_argument("--input-file", type=Path,
                    help="one input per line; .jsonl lines: {'text': ..., 'id': ...} "
                         "(ids unique, strings or integers)")  # fmt: skip
     p.add_argument("--output", type=Path,
-                   help="JSONL output: a header, then one record per input; an existing one is resumed (same bundle, "
+                   help="JSONL output: a header, then the --json records; an existing one is resumed (same bundle, "
                         "settings and inputs), one job at a time")  # fmt: skip
-    p.add_argument("--backend", default="onnxruntime")
-    p.add_argument("--batch-size", type=int, default=8, help="inputs per search batch (default 8)")
+    p.add_argument("--backend", default="onnxruntime", help="runtime: onnxruntime, or tensorrt (el-export build)")
+    p.add_argument("--batch-size", type=int, default=8, help="inputs per search batch")
     p.add_argument("--memory-limit", type=_gib, metavar="GiB",
-                   help="cap on decoder state and encoder activations; larger batches are split")  # fmt: skip
-    p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's positions")
+                   help="cap on decoder state and encoder activations; larger batches are split (unset: the memory "
+                        "the device has free)")  # fmt: skip
+    p.add_argument("--truncation", action="store_true", help="cut inputs longer than the model's positions")
+    p.add_argument("--truncate", dest="truncation", action="store_true", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # fmt: skip
     _add_generation_arguments(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object per input")
+    p.add_argument("--json", action="store_true", help=f"print {RECORD}")
     p.set_defaults(run=_generate)
 
-    p = sub.add_parser(
+    p = add(
         "compare",
         help="check a bundle against its PyTorch reference (graphs, then generate)",
         description="Check a bundle against the checkpoint it was exported from: each graph against its PyTorch "
@@ -91,83 +114,136 @@ def build_parser() -> argparse.ArgumentParser:
         "or scores unlike HF's); 8 reduced precision, graphs within tolerance, but tokens differ on some "
         "sequences (DIFFER); 2-7 the errors of every command.",
     )
-    p.add_argument("bundle", type=Path)
+    p.add_argument("bundle", type=Path, help="bundle directory to check")
     p.add_argument("--reference", required=True, help="the checkpoint the bundle was exported from")
-    p.add_argument("--backend", default="onnxruntime")
-    p.add_argument("--num-beams", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=3, help="text bundles: inputs in the padded batch (default 3)")
+    p.add_argument("--backend", default="onnxruntime", help="runtime: onnxruntime, or tensorrt (el-export build)")
+    p.add_argument("--num-beams", type=int, default=4, help="beams of the beam-search check")
+    p.add_argument("--batch-size", type=int, default=3, help="text bundles: inputs in the padded batch")
     p.add_argument("--max-new-tokens", type=int,
-                   help="default 16; speech bundles: the model's max_length (whole transcripts)")  # fmt: skip
+                   help="unset: 16; speech bundles: the model's max_length (whole transcripts)")  # fmt: skip
     p.add_argument("--audio", nargs="+", type=Path, metavar="FILE",
-                   help="speech bundles: WAV/FLAC clips (default: the clips shipped in el_export/clips)")  # fmt: skip
+                   help="speech bundles: WAV/FLAC clips (unset: the clips shipped in el_export/clips)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the verdict and every check's figures as JSON")
     p.set_defaults(run=_compare)
 
-    p = sub.add_parser("build", help="build TensorRT engines for a bundle (a GPU host with TensorRT)")
-    p.add_argument("bundle", type=Path)
+    p = add("build", help="build TensorRT engines for a bundle (a GPU host with TensorRT)")
+    p.add_argument("bundle", type=Path, help="bundle directory; the engines are written into it")
     precision = p.add_mutually_exclusive_group()
     for flag in ("fp16", "bf16"):
         precision.add_argument(f"--{flag}", dest="precision", action="store_const", const=flag,
-                               help=f"{flag} engines (default: the bundle's own precision)")  # fmt: skip
-    p.add_argument("--max-batch", type=int, default=8, help="inputs per call (default 8)")
-    p.add_argument("--max-beams", type=int, default=4, help="beams per input (default 4)")
-    p.add_argument("--max-source", type=int, help="source tokens (default: the model's positions)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="generated tokens (default 128)")
-    p.add_argument("--max-prompt", type=int, help="decoder-only prompt tokens (default: positions less new tokens)")
-    p.add_argument("--workspace", type=float, metavar="GiB", help="TensorRT's workspace memory limit")
+                               help=f"{flag} engines (unset: the bundle's own precision)")  # fmt: skip
+    p.add_argument("--max-batch-size", type=int, default=8, help="most inputs per call the engines take")
+    p.add_argument("--max-batch", dest="max_batch_size", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # fmt: skip
+    p.add_argument("--max-beams", type=int, default=4, help="most beams per input")
+    p.add_argument("--max-source", type=int, help="most source tokens (unset: the model's positions)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most generated tokens")
+    p.add_argument("--max-prompt", type=int, help="most decoder-only prompt tokens (unset: positions less new tokens)")
+    p.add_argument("--workspace", type=float, metavar="GiB",
+                   help="TensorRT's workspace memory limit (unset: TensorRT's default)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the manifest's engines entry as JSON")
     p.set_defaults(run=_build)
 
-    p = sub.add_parser("inspect", help="describe a bundle and the cache bytes of el vs kv for a workload")
-    p.add_argument("bundle", type=Path)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-beams", type=int, default=4)
+    p = add("inspect", help="describe a bundle and the cache bytes of el vs kv for a workload")
+    p.add_argument("bundle", type=Path, help="bundle directory to describe")
+    p.add_argument("--batch-size", type=int, default=8, help="workload: inputs per call")
+    p.add_argument("--num-beams", type=int, default=4, help="workload: beams per input")
     p.add_argument("--source-len", type=int,
-                   help="source (or prompt) length, at most the model's positions; default: all (T5: 512)")  # fmt: skip
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--json", action="store_true")
+                   help="workload: source (or prompt) length, at most the model's positions (unset: all of them; "
+                        "T5: 512)")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=64, help="workload: generated tokens")
+    p.add_argument("--json", action="store_true", help="print the manifest, workload and cache bytes as JSON")
     p.set_defaults(run=_inspect)
 
-    p = sub.add_parser("demo", help="the main job end to end on the embedded default (Whisper tiny.en)")
+    p = add("demo", help="the main job end to end on the embedded default (Whisper tiny.en)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT / "demo", help="where checkpoint and bundles go")
-    p.add_argument("--num-beams", type=int, default=5)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--num-beams", type=int, default=5, help="beams per clip")
+    p.add_argument("--json", action="store_true", help="print one row per clip as JSON")
     p.set_defaults(run=_demo)
 
-    p = sub.add_parser("serve", help="serve a bundle through Triton (shipped with PyTriton), with dynamic batching")
-    p.add_argument("bundle", type=Path)
+    p = add("serve", help="serve a bundle through Triton (shipped with PyTriton), with dynamic batching")
+    p.add_argument("bundle", type=Path, help="bundle directory to serve")
     _add_serving_arguments(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", "--http-port", dest="http_port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
-    p.add_argument("--log-file", type=Path, help="write the Triton server's full log there (default: its "
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 127.0.0.1 is this machine only")
+    p.add_argument("--port", "--http-port", dest="http_port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    p.add_argument("--log-file", type=Path, help="write the Triton server's full log there (unset: its "
                    "warnings and errors on the console)")  # fmt: skip
-    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--backend", default="onnxruntime", help="runtime: onnxruntime, or tensorrt (el-export build)")
     p.set_defaults(run=_serve)
 
-    p = sub.add_parser("triton-repo", help="write a Triton model repository (Python backend) serving a bundle")
-    p.add_argument("bundle", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="repository directory to create")
+    p = add("triton-repo", help="write a Triton model repository (Python backend) serving a bundle")
+    p.add_argument("bundle", type=Path, help="bundle directory (copied into the repository)")
+    p.add_argument("--out", type=Path, help="repository directory to create; the model is OUT/<model-name> (unset: "
+                   "graphs/triton/<model-name>, which git ignores)")  # fmt: skip
     _add_serving_arguments(p)
     p.add_argument("--backend", default="onnxruntime", help="el-export backend the model runs on")
     p.set_defaults(run=_triton_repo)
 
-    p = sub.add_parser("bench", help="time and memory of el, kv, HF generate and CTranslate2 on the same workloads")
-    p.add_argument("--workloads", default="W1,W3,W4,W2", help="comma-separated: W1 (BART), W2 (batch growth), "
-                   "W3 (Whisper tiny.en), W4 (GPT-2)")  # fmt: skip
-    p.add_argument("--work", type=Path, default=DEFAULT_OUT / "bench", help="checkpoints and bundles (reused)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT / "bench" / "report", help="bench.json and bench.png")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads per engine (default: all cores)")
+    p = add("bench", help="time and memory of el, kv, HF generate and CTranslate2 on the same inputs",
+            description="With BUNDLE: your model on your inputs, el vs kv (the other mode, exported from --reference) "
+            "vs HF generate on --reference vs CTranslate2 float32, each engine in its own process, outputs compared "
+            "with HF's. Without: the built-in workloads W1-W4 (docs/benchmarks.md).")  # fmt: skip
+    p.add_argument("bundle", type=Path, nargs="?", metavar="BUNDLE", help="your bundle (none: the built-in workloads)")
+    p.add_argument("--reference", metavar="CKPT",
+                   help="BUNDLE: the checkpoint it was exported from (HF generate runs it; the other mode and "
+                        "CTranslate2 are made from it)")  # fmt: skip
+    p.add_argument("--input-file", type=Path, metavar="FILE",
+                   help="BUNDLE: one input per line, or .jsonl {'text': ...}; audio paths for speech bundles "
+                        "(unset: a few built-in sentences, or the shipped clips)")  # fmt: skip
+    p.add_argument("--num-beams", type=int, metavar="K", help="BUNDLE: beams (unset: 4)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="BUNDLE: unset: 32; speech: whole transcripts")
+    p.add_argument("--batch-size", type=int, metavar="B", help="BUNDLE: inputs per generate call (unset: 8)")
+    p.add_argument("--workloads", help="built-in: comma-separated W1 (BART), W2 (batch growth), W3 (Whisper "
+                   "tiny.en), W4 (GPT-2) (unset: all)")  # fmt: skip
+    p.add_argument("--profile", choices=("full", "smoke"),
+                   help="built-in: full measures; smoke runs the harness on tiny models (unset: full)")  # fmt: skip
+    p.add_argument("--work", type=Path, help="checkpoints and bundles made for the bench, reused (unset: "
+                   "graphs/bench, with BUNDLE graphs/bench/<bundle name>)")  # fmt: skip
+    p.add_argument("--out", type=Path, help="bench.json and bench.png (unset: graphs/bench/report, with BUNDLE "
+                   "<work>/report)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads per engine (this machine's cores)")
     p.add_argument("--time-cap", type=float, default=900, help="seconds one engine run may take")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON, not the table")
     p.set_defaults(run=_bench)
 
-    p = sub.add_parser("import-ct2", help="import a CTranslate2 (faster-whisper) Whisper model as an HF checkpoint")
+    p = add("import-ct2", help="import a CTranslate2 (faster-whisper) Whisper model as an HF checkpoint")
     p.add_argument("ct2_dir", type=Path, help="directory with model.bin, config.json, tokenizer.json")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a checkpoint import-ct2 wrote, or empty; nothing else")  # fmt: skip
     p.set_defaults(run=_import_ct2)
+    for p in sub.choices.values():  # before or after the command: el-export --quiet export ... = export --quiet ...
+        _add_verbosity_arguments(p, default=argparse.SUPPRESS)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors in el-export's one-line form, exit status 2 (as InvalidArgumentError)."""
+
+    def error(self, message: str):
+        self.exit(InvalidArgumentError.exit_code, f"el-export: error: {message}; see {self.prog} --help\n")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default; an option whose default is unset (None) says in its help what
+    that means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is argparse.SUPPRESS or "%(default)" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
+def _add_verbosity_arguments(p: argparse.ArgumentParser, default) -> None:
+    """--quiet / --verbose, on the main parser (default False) and on every command (default SUPPRESS, so that a
+    command's parser does not reset what was given before the command)."""
+    g = p.add_argument_group("output")
+    g.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="no progress display and no warnings (el-export's, transformers', ONNX Runtime's)")  # fmt: skip
+    g.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="also transformers' and ONNX Runtime's INFO logs")  # fmt: skip
 
 
 def _gib(text: str) -> float:
@@ -181,31 +257,61 @@ def _gib(text: str) -> float:
     return value
 
 
+def _token_ids(text: str) -> list[int]:
+    """Token ids separated by ',' (argparse reports anything else; the search checks the values)."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token ids separated by ',' (e.g. 1,2), got {text!r}") from None
+
+
+def _token_id_lists(text: str) -> list[list[int]]:
+    """--bad-words-ids: lists of token ids separated by ';' (e.g. "1,2;7")."""
+    return [_token_ids(part) for part in text.split(";")]
+
+
 def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation (HF generate semantics; unset means the checkpoint's default)")
-    g.add_argument("--num-beams", type=int)
-    g.add_argument("--num-return-sequences", type=int)
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--min-new-tokens", type=int)
-    g.add_argument("--length-penalty", type=float)
-    g.add_argument("--early-stopping", choices=("true", "false", "never"))
-    g.add_argument("--no-repeat-ngram-size", type=int)
-    g.add_argument("--repetition-penalty", type=float)
-    g.add_argument("--do-sample", action="store_true", default=None)
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("generation (HF generate semantics and names)")
+    g.add_argument("--num-beams", type=int, help=f"beams per input; 1: greedy search or sampling ({UNSET})")
+    g.add_argument("--num-return-sequences", type=int, help=f"outputs per input, at most --num-beams ({UNSET})")
+    g.add_argument("--max-new-tokens", type=int, help=f"most tokens generated, the prompt not counted ({UNSET})")
+    g.add_argument("--min-new-tokens", type=int, help=f"fewest tokens generated, the prompt not counted ({UNSET})")
+    g.add_argument("--max-length", type=int,
+                   help=f"longest sequence, prompt included; --max-new-tokens wins over it ({UNSET})")  # fmt: skip
+    g.add_argument("--min-length", type=int, help=f"shortest sequence, prompt included ({UNSET})")
+    g.add_argument("--length-penalty", type=float,
+                   help=f"beam search: the exponent of the length that scores are divided by ({UNSET})")  # fmt: skip
+    g.add_argument("--early-stopping", choices=("true", "false", "never"),
+                   help=f"beam search: stop once num_beams hypotheses end (true), by HF's heuristic (false), or "
+                        f"when no better one can be found (never) ({UNSET})")  # fmt: skip
+    g.add_argument("--no-repeat-ngram-size", type=int, help=f"no n-gram of this size occurs twice ({UNSET})")
+    g.add_argument("--repetition-penalty", type=float,
+                   help=f"penalise the tokens already in the sequence; 1.0 is off ({UNSET})")  # fmt: skip
+    g.add_argument("--bad-words-ids", type=_token_id_lists, metavar="IDS",
+                   help=f"token sequences never to generate: ids separated by ',', sequences by ';' (e.g. 1,2;7) "
+                        f"({UNSET})")  # fmt: skip
+    g.add_argument("--decoder-start-token-id", type=int, help=f"encoder-decoders: the decoder's first token ({UNSET})")
+    g.add_argument("--forced-bos-token-id", type=int, help=f"the token forced first after the start ({UNSET})")
+    g.add_argument("--forced-eos-token-id", type=_token_ids, metavar="IDS",
+                   help=f"the token(s) forced when max_length is reached, ids separated by ',' ({UNSET})")  # fmt: skip
+    g.add_argument("--do-sample", action="store_true", default=None, help=f"sample instead of searching ({UNSET})")
+    g.add_argument("--temperature", type=float, help=f"sampling: divide the logits by this ({UNSET})")
+    g.add_argument("--top-k", type=int, help=f"sampling: only the k likeliest tokens ({UNSET})")
+    g.add_argument("--top-p", type=float,
+                   help=f"sampling: only the likeliest tokens whose probabilities sum to p ({UNSET})")  # fmt: skip
+    g.add_argument("--seed", type=int, help="sampling: the random generator's seed (unset: a different draw each run)")
+    g.add_argument("--language", help="multilingual Whisper: the language, e.g. en or de (unset: detected)")
+    g.add_argument("--task", choices=("transcribe", "translate"), help=f"multilingual Whisper ({UNSET})")
 
 
 def _add_serving_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-name", help="Triton model name (default: the bundle directory's name)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="inputs per model call (default 8)")
+    p.add_argument("--model-name", help="Triton model name (unset: the bundle directory's name)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="most inputs per model call")
     p.add_argument("--max-queue-delay-us", type=int, default=5000,
-                   help="how long a request waits for others to batch with, in µs (default 5000)")  # fmt: skip
-    p.add_argument("--no-dynamic-batching", dest="dynamic_batching", action="store_false",
-                   help="run every request on its own")  # fmt: skip
-    p.add_argument("--instances", type=int, default=1, help="model instances sharing the loaded bundle (default 1)")
+                   help="how long a request waits for others to batch with, in µs")  # fmt: skip
+    p.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch requests that arrive together (--no-dynamic-batching: each on its own)")  # fmt: skip
+    p.add_argument("--instances", type=int, default=1, help="model instances sharing the loaded bundle")
     g = p.add_argument_group("request limits (a request over one is refused: HTTP 400, naming the flag)")
     g.add_argument("--max-num-beams", type=int, help="largest num_beams and num_return_sequences (default 16)")
     g.add_argument("--max-new-tokens-limit", type=int, help="largest max_new_tokens (default 512)")
@@ -233,8 +339,10 @@ def serve_config(args: argparse.Namespace):
 def generation_kwargs(args: argparse.Namespace) -> dict:
     """The generation arguments the user set, under HF's names."""
     names = (
-        "num_beams", "num_return_sequences", "max_new_tokens", "min_new_tokens", "length_penalty",
-        "no_repeat_ngram_size", "repetition_penalty", "do_sample", "temperature", "top_k", "top_p", "seed",
+        "num_beams", "num_return_sequences", "max_new_tokens", "min_new_tokens", "max_length", "min_length",
+        "length_penalty", "no_repeat_ngram_size", "repetition_penalty", "bad_words_ids", "decoder_start_token_id",
+        "forced_bos_token_id", "forced_eos_token_id", "do_sample", "temperature", "top_k", "top_p", "seed",
+        "language", "task",
     )  # fmt: skip
     kwargs = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.early_stopping is not None:
@@ -256,7 +364,8 @@ def _export(args) -> int:
     hf_model, tokenizer = load_checkpoint(args.model)
     manifest = export_model(
         hf_model, out, mode=args.mode, tokenizer=tokenizer, feature_extractor=load_feature_extractor(args.model),
-        overwrite=args.overwrite, source=args.model, auto_workload=given, threads=args.threads, **options,
+        overwrite=args.overwrite, source=args.model, auto_workload=given, threads=args.threads,
+        progress=not logs.quiet(), **options,
     )  # fmt: skip
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2))
@@ -272,7 +381,15 @@ def _export(args) -> int:
 
 
 def _generate(args) -> int:
-    from el_export.runtime.stream import JobOutput, Record, check_inputs, generate_batches, generate_file, read_records
+    from el_export.runtime.stream import (
+        JobOutput,
+        Record,
+        check_inputs,
+        generate_batches,
+        generate_file,
+        read_records,
+        record_json,
+    )
 
     if args.batch_size < 1:
         raise InvalidArgumentError("--batch-size must be at least 1")
@@ -282,28 +399,27 @@ def _generate(args) -> int:
         raise InvalidArgumentError("--output streams an --input-file; give the inputs in a file, not as arguments")
     if args.memory_limit is not None and args.memory_limit <= 0:
         raise InvalidArgumentError("--memory-limit must be a positive number of GiB")
-    kwargs = {**generation_kwargs(args), "truncation": args.truncate}
+    kwargs = {**generation_kwargs(args), "truncation": args.truncation}
     if args.output is not None:
         with JobOutput(args.output, inputs=args.input_file) as output:  # checked and locked before the bundle loads
             stats = generate_file(_load_generator(args), args.input_file, output, args.batch_size,
-                                  progress=sys.stderr.isatty(), **kwargs)  # fmt: skip
+                                  progress=sys.stderr.isatty() and not logs.quiet(), **kwargs)  # fmt: skip
         print(
             f"{stats.written} written, {stats.skipped} already in {args.output}, {stats.total} inputs", file=sys.stderr
         )
         return 0
     generator = _load_generator(args)
     if args.input_file is not None:
-        check_inputs(args.input_file, generator, truncation=args.truncate)
+        check_inputs(args.input_file, generator, truncation=args.truncation)
         records = read_records(args.input_file)
     else:
         records = (Record(i, i, text) for i, text in enumerate(args.text, start=1))
     for results in generate_batches(generator, records, args.batch_size, **kwargs):
         for record, outputs in results:
             if args.json:
-                ids = {"id": record.id} if args.input_file is not None else {}
-                print(json.dumps({**ids, "input": record.text, "outputs": outputs}), flush=True)
+                print(json.dumps(record_json(record, outputs)), flush=True)
             else:
-                print("\n".join(outputs), flush=True)
+                print("\n".join(output["text"] for output in outputs), flush=True)
     return 0
 
 
@@ -347,7 +463,7 @@ def _build(args) -> int:
 
     if args.workspace is not None and args.workspace <= 0:
         raise InvalidArgumentError("--workspace must be a positive number of GiB")
-    limits = Limits(batch=args.max_batch, beams=args.max_beams, source=args.max_source,
+    limits = Limits(batch=args.max_batch_size, beams=args.max_beams, source=args.max_source,
                     new_tokens=args.max_new_tokens, prompt=args.max_prompt)  # fmt: skip
     workspace = int(args.workspace * 2**30) if args.workspace else None
     engines = build_engines(args.bundle, precision=args.precision, limits=limits, workspace=workspace).engines
@@ -433,7 +549,7 @@ def _demo(args) -> int:
 
     if args.num_beams < 1:
         raise InvalidArgumentError("--num-beams must be at least 1")
-    rows = run_demo(args.out, num_beams=args.num_beams)
+    rows = run_demo(args.out, num_beams=args.num_beams, progress=not logs.quiet())
     if args.json:
         print(json.dumps([vars(r) for r in rows], indent=2))
     else:
@@ -476,22 +592,50 @@ def _serve(args) -> int:
 def _triton_repo(args) -> int:
     from el_export.serving.triton_repo import write_repository
 
-    model_dir = write_repository(args.bundle, args.out, serve_config(args), backend=args.backend)
+    config = serve_config(args)
+    out = args.out or DEFAULT_OUT / "triton" / config.model_name
+    model_dir = write_repository(args.bundle, out, config, backend=args.backend)
     print(f"wrote {model_dir} (config.pbtxt, 1/model.py, 1/bundle)")
     return 0
 
 
 def _bench(args) -> int:
-    from el_export.evaluation.bench import WORKLOADS, run_bench
+    from el_export.evaluation import bench
 
-    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    unknown = [w for w in workloads if w not in WORKLOADS and w != "W2"]
-    if unknown or not workloads:
-        raise InvalidArgumentError(f"unknown workload {unknown[0] if unknown else ''!r}; choose from W1, W2, W3, W4")
     if args.threads < 1:
         raise InvalidArgumentError("--threads must be at least 1")
-    report = run_bench(args.work, args.out, threads=args.threads, time_cap=args.time_cap, workloads=workloads,
-                       progress=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    if args.bundle is None:
+        if given := _given_flags(args, "reference", "input_file", "num_beams", "max_new_tokens", "batch_size"):
+            raise InvalidArgumentError(f"{', '.join(given)} only apply to a BUNDLE; give one, or drop them")
+        profile = bench.PROFILES[args.profile or "full"]
+        workloads = [w.strip() for w in (args.workloads or "W1,W3,W4,W2").split(",") if w.strip()]
+        unknown = [w for w in workloads if w not in profile.workloads and w != "W2"]
+        if unknown or not workloads:
+            known = ", ".join(sorted([*profile.workloads, "W2"]))
+            raise InvalidArgumentError(
+                f"unknown workload {unknown[0] if unknown else ''!r} in the {profile.name} profile; choose {known}"
+            )
+        out = args.out or DEFAULT_OUT / "bench" / "report"
+        report = bench.run_bench(args.work or DEFAULT_OUT / "bench", out, threads=args.threads,
+                                 time_cap=args.time_cap, workloads=workloads, profile=profile.name,
+                                 progress=progress)  # fmt: skip
+        title = f"bench ({args.threads} threads; report in {out})"
+    else:
+        if given := _given_flags(args, "workloads", "profile"):
+            raise InvalidArgumentError(f"{', '.join(given)} choose built-in workloads; with a BUNDLE the workload "
+                                       "is its inputs (--input-file)")  # fmt: skip
+        for flag in ("num_beams", "max_new_tokens", "batch_size"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise InvalidArgumentError(f"--{flag.replace('_', '-')} must be at least 1")
+        work = args.work or DEFAULT_OUT / "bench" / args.bundle.resolve().name
+        out = args.out or work / "report"
+        report = bench.run_bundle_bench(
+            args.bundle, work, out, reference=args.reference, input_file=args.input_file,
+            num_beams=args.num_beams or 4, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size or 8,
+            threads=args.threads, time_cap=args.time_cap, progress=progress,
+        )  # fmt: skip
+        title = f"bench {args.bundle} ({report['inputs']} inputs, {args.threads} threads; report in {out})"
     if args.json:
         print(json.dumps(report["summary"], indent=2))
         return 0
@@ -500,12 +644,13 @@ def _bench(args) -> int:
         if not isinstance(s, dict) or "total_s" not in s:
             continue
         ratio = lambda x: f"{x:.2f}x" if x else "-"  # noqa: E731
+        same = f"{s['identical_to_hf']}/{s['compared']}" if "identical_to_hf" in s else "-"
         rows.append((key, f"{s['total_s']:.2f}", f"{s['tokens_per_s']:.1f}", ratio(s["speedup_vs_hf"]),
-                     ratio(s["speedup_vs_ct2_float32"]), f"{s['peak_gib']:.2f}",
+                     ratio(s["speedup_vs_ct2_float32"]), f"{s['peak_gib']:.2f}", same,
                      f"{s['step_vs_limit']:.2f}x" if "step_vs_limit" in s else "-"))  # fmt: skip
     _print_table(
-        f"bench ({args.threads} threads; report in {args.out})",
-        ("workload/engine", "total s", "tokens/s", "vs HF", "vs CT2 fp32", "peak GiB", "step/limit"),
+        title,
+        ("workload/engine", "total s", "tokens/s", "vs HF", "vs CT2 fp32", "peak GiB", "same as HF", "step/limit"),
         rows,
     )
     for engine, w2 in report.get("w2", {}).items():
@@ -518,10 +663,15 @@ def _bench(args) -> int:
     return 0
 
 
+def _given_flags(args, *names: str) -> list[str]:
+    """The flags among `names` given on the command line (their default is None)."""
+    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is not None]
+
+
 def _import_ct2(args) -> int:
     from el_export.export.importers.ct2_whisper import import_whisper
 
-    print(f"wrote {import_whisper(args.ct2_dir, args.out)}")
+    print(f"wrote {import_whisper(args.ct2_dir, args.out, overwrite=args.overwrite)}")
     return 0
 
 
@@ -531,7 +681,7 @@ def _print_table(title: str, columns: tuple[str, ...], rows) -> None:
 
     table = Table(title=title, title_justify="left")
     for column in columns:
-        table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=60)
+        table.add_column(column, overflow="fold", max_width=60)  # long cells wrap: nothing is cut to "…"
     for row in rows:
         table.add_row(*row)
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # pipes get the whole table

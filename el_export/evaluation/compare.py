@@ -18,13 +18,13 @@ equal) or DIFFER (with how many sequences differ and from which step), never PAS
 
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from el_export import logs
 from el_export.errors import CheckpointError, InvalidArgumentError
 from el_export.export.graphs import graphs_for, sample_inputs
 from el_export.runtime.tokenizer import padding
@@ -276,20 +276,6 @@ def _well_formed(results) -> bool:
     )
 
 
-@contextmanager
-def _quiet_transformers():
-    """HF `generate`'s notes on the reference run (max_length beside max_new_tokens, ...) are not findings of
-    compare; transformers' verbosity is restored afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def compare_generation(
     generator,
     hf_model,
@@ -319,7 +305,7 @@ def compare_generation(
         if max_new_tokens is not None:
             kwargs = {**kwargs, "max_new_tokens": max_new_tokens}
         ours = generator.generate(**inputs.ours, **kwargs)
-        with _quiet_transformers(), torch.no_grad():
+        with logs.quiet_transformers(), torch.no_grad():
             ref = hf_model.generate(**inputs.reference, return_dict_in_generate=True, output_scores=True, **kwargs)
         checks.append(_generation_check(f"generate {label} (tokens vs HF generate)", ours, ref, inputs.label,
                                         precision, pad, decode))  # fmt: skip
@@ -419,7 +405,7 @@ def _speech_inputs(generator, reference: str, audio: list) -> tuple[Inputs, Chec
     paths = [str(p) for p in audio]
     ours = speech.features(generator.manifest, generator.mel_filters, audio=paths)  # InputError: unreadable, too long
     waves = [load_audio(p, extractor.sampling_rate) for p in paths]
-    with _quiet_transformers():
+    with logs.quiet_transformers():
         theirs = extractor(waves, sampling_rate=extractor.sampling_rate, return_tensors="pt").input_features
     close = graph_close(ours.numpy(), theirs.numpy(), "float32", width=1)  # no sums over a model width here
     error, detail = close.error, f"{len(paths)} clips, {close}"

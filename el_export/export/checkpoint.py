@@ -4,9 +4,9 @@ and feature extractor with `transformers` (never remote code, never a prompt, ne
 
 import json
 import re
-import sys
 from pathlib import Path
 
+from el_export import logs
 from el_export.errors import CheckpointError, UnsupportedModelError, first_line
 from el_export.families import family_for
 
@@ -144,12 +144,8 @@ def _pretrained(auto, directory: Path, **kwargs):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with logs.quiet_transformers():
         return auto.from_pretrained(str(directory), trust_remote_code=False, local_files_only=True, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def _read_weights(directory: Path, family, model: str, names: set[str]):
@@ -173,7 +169,7 @@ def _read_weights(directory: Path, family, model: str, names: set[str]):
         )
     if info["unexpected_keys"]:
         unused = sorted(info["unexpected_keys"])
-        _warn(f"{model} has {len(unused)} tensors its config does not use, ignored: {_names(unused)}")
+        logs.warn(f"{model} has {len(unused)} tensors its config does not use, ignored: {_names(unused)}")
     # Saved buffers transformers fills with a default when absent, unlike the tables it recomputes (never saved):
     # BART-like final_logits_bias (zeros), which older checkpoints lack.
     saved = hf_model.state_dict().keys()
@@ -181,18 +177,13 @@ def _read_weights(directory: Path, family, model: str, names: set[str]):
                  and _matches(k, hf_model._keys_to_ignore_on_load_missing)
                  and not _matches(k, hf_model._keys_to_ignore_on_save)]  # fmt: skip
     if defaulted:
-        _warn(f"{model} has no {_names(defaulted)}; using transformers' default")
+        logs.warn(f"{model} has no {_names(defaulted)}; using transformers' default")
     return hf_model.eval()
 
 
 def _matches(key: str, patterns) -> bool:
     """Whether a state-dict key matches one of a transformers model's key patterns (regular expressions)."""
     return any(re.search(p, key) for p in patterns or ())
-
-
-def _warn(message: str) -> None:
-    """A warning the user should read: on stderr, with the progress display and the CLI's errors."""
-    print(f"el-export: warning: {message}", file=sys.stderr)
 
 
 def _names(keys: list[str]) -> str:
@@ -215,5 +206,5 @@ def _read_tokenizer(directory: Path, model: str):
             ) from None
         if any((directory / name).is_file() for name in tokenizer.vocab_files_names.values()):
             return tokenizer
-    _warn(f"{model} has no tokenizer files; the bundle takes and returns token ids only")
+    logs.warn(f"{model} has no tokenizer files; the bundle takes and returns token ids only")
     return None

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from el_export import __version__
+from el_export import __version__, logs
 from el_export.contract.files import file_entries, write_manifest, writing_bundle
 from el_export.contract.manifest import GraphEntry, Manifest
 from el_export.errors import ExportError, InvalidArgumentError, first_line
@@ -178,9 +178,8 @@ def export_graph(graph: torch.nn.Module, path: Path, opset: int | None = None, e
     axes = [{i: dim(a) for i, a in enumerate(spec.shape) if isinstance(a, str)} for spec in graph.inputs]
     dynamic_shapes = graph.group(axes)  # the same nesting as forward's arguments (lists of per-layer caches)
     graph.eval()
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # it warns about torchvision ops we never use
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
+    try:  # torch.onnx warns about torchvision ops we never use
+        with logs.logger_level("torch.onnx", logging.ERROR), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 graph,

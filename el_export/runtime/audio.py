@@ -2,10 +2,12 @@
 
 The computation is `WhisperFeatureExtractor`'s torch path op for op (pad or cut to 30 s, periodic
 Hann STFT, power, mel filters, log10, dynamic range of 8, (x + 4) / 4), with the mel filter bank
-the exporter copied into the bundle, so the features are the ones HF computes.
+the exporter copied into the bundle, so the features are the ones HF computes. Audio at another sample rate
+is resampled to the model's (`resample`), where HF's feature extractor refuses it.
 """
 
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from el_export.errors import InputError, first_line
 
 FORMATS = ("WAV", "WAVEX", "FLAC")  # libsndfile's names, read from the file's header (not its name)
 ACCEPTED = "a WAV or FLAC file"
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,17 +39,19 @@ class FeatureSpec:
         return dict(vars(self))
 
 
-def load_audio(source: str | Path | bytes, sampling_rate: int) -> np.ndarray:
-    """A WAV or FLAC file (its path, or its bytes) -> mono float32 samples.
+def load_audio(source: str | Path | bytes, sampling_rate: int, max_seconds: float | None = None) -> np.ndarray:
+    """A WAV or FLAC file (its path, or its bytes) -> mono float32 samples at `sampling_rate`: a file at another
+    rate is resampled (`resample`), with a one-line note on stderr (a warning of the `el_export.runtime.audio`
+    logger: Python prints it when no logging is set up; pytest captures it).
 
     Raises:
-        InputError: a missing, unreadable, truncated or empty file, one of another format, or a sample rate
-            other than `sampling_rate` (no silent resampling).
+        InputError: a missing, unreadable, truncated or empty file, one of another format; one to resample that
+            is longer than `max_seconds` or holds NaN or infinite samples (checked before resampling).
     """
     import soundfile
 
     if isinstance(source, bytes):
-        name, file, example = "the audio bytes", io.BytesIO(source), "in.wav"
+        name, file = "the audio bytes", io.BytesIO(source)
     else:
         path = Path(source)
         if not path.exists():
@@ -58,7 +63,7 @@ def load_audio(source: str | Path | bytes, sampling_rate: int) -> np.ndarray:
                 f"audio {path} is headerless RAW audio; give {ACCEPTED} (for example: sox -t raw -r {sampling_rate} "
                 f"-e signed -b 16 -c 1 {path.name} out.wav)"
             )
-        name, file, example = str(path), str(path), path.name
+        name, file = str(path), str(path)
     try:
         with soundfile.SoundFile(file) as sound:
             if sound.format not in FORMATS:
@@ -66,12 +71,49 @@ def load_audio(source: str | Path | bytes, sampling_rate: int) -> np.ndarray:
             samples, rate = sound.read(dtype="float32", always_2d=True), sound.samplerate
     except soundfile.LibsndfileError as e:  # not audio, empty, truncated
         raise InputError(f"cannot read audio {name} ({first_line(e)}); give {ACCEPTED}") from None
-    if rate != sampling_rate:
-        raise InputError(
-            f"{name} is sampled at {rate} Hz but the model needs {sampling_rate} Hz; resample it first "
-            f"(for example: sox {example} -r {sampling_rate} out.wav)"
-        )
-    return samples.mean(axis=1)  # mono
+    samples = samples.mean(axis=1)  # mono
+    if rate == sampling_rate:
+        return samples
+    if max_seconds is not None and samples.size > max_seconds * rate:  # a 1 Hz header would resample to gigabytes
+        raise too_long(name, samples.size, rate, max_seconds)
+    samples = mono_waveform(samples, name)  # NaN would spread through the filter: count the file's own
+    _log.warning("el-export: note: %s resampled from %d Hz to %d Hz", name, rate, sampling_rate)
+    return resample(samples, rate, sampling_rate)
+
+
+def resample(samples: np.ndarray, rate: int, sampling_rate: int) -> np.ndarray:
+    """Mono float32 samples at `rate` -> at `sampling_rate`, by soxr at quality "HQ". HF's WhisperFeatureExtractor
+    refuses other rates, openai-whisper resamples with ffmpeg and faster-whisper with PyAV: soxr is one small
+    wheel, and its HQ filter keeps the band below 8 kHz, all that 16 kHz features see, intact."""
+    import soxr
+
+    return soxr.resample(samples, rate, sampling_rate, quality="HQ").astype(np.float32, copy=False)
+
+
+def mono_waveform(audio, name: str) -> np.ndarray:
+    """A mono waveform as float32 samples, checked.
+
+    Raises:
+        InputError: not numbers, not one non-empty axis, or NaN or infinite samples.
+    """
+    try:
+        audio = np.asarray(audio, dtype=np.float32)
+    except (TypeError, ValueError) as e:  # not numbers, or ragged
+        raise InputError(f"{name} must be a mono waveform of numbers ({first_line(e)})") from None
+    if audio.ndim != 1 or audio.size == 0:
+        raise InputError(f"{name} must be a non-empty mono waveform, got shape {list(audio.shape)}")
+    bad = int(audio.size - np.isfinite(audio).sum())
+    if bad:  # one NaN turns every feature into NaN, and the transcript into noise
+        raise InputError(f"{name} has {bad} NaN or infinite samples; give finite samples (-1 to 1)")
+    return audio
+
+
+def too_long(name: str, samples: int, rate: int, max_seconds: float) -> InputError:
+    """The refusal of audio past the model's chunk, its duration shown to the first decimal that is past it."""
+    return InputError(
+        f"{name} is {_seconds_over(samples / rate, max_seconds)} s; the model transcribes up to {max_seconds} s at "
+        "once: split it"
+    )
 
 
 def log_mel(
@@ -87,20 +129,9 @@ def log_mel(
     batch = np.zeros((len(audios), spec.n_samples), dtype=np.float32)
     for i, audio in enumerate(audios):
         name = names[i] if names else f"audio {i}"
-        try:
-            audio = np.asarray(audio, dtype=np.float32)
-        except (TypeError, ValueError) as e:  # not numbers, or ragged
-            raise InputError(f"{name} must be a mono waveform of numbers ({first_line(e)})") from None
-        if audio.ndim != 1 or audio.size == 0:
-            raise InputError(f"{name} must be a non-empty mono waveform, got shape {list(audio.shape)}")
-        bad = int(audio.size - np.isfinite(audio).sum())
-        if bad:  # one NaN turns every feature into NaN, and the transcript into noise
-            raise InputError(f"{name} has {bad} NaN or infinite samples; give finite samples (-1 to 1)")
+        audio = mono_waveform(audio, name)
         if audio.size > spec.n_samples:
-            raise InputError(
-                f"{name} is {_seconds_over(audio.size, spec)} s; the model transcribes up to {spec.chunk_length} s "
-                "at once: split it"
-            )
+            raise too_long(name, audio.size, spec.sampling_rate, spec.chunk_length)
         batch[i, : audio.size] = audio
     waveform = torch.from_numpy(batch)
     window = torch.hann_window(spec.n_fft)
@@ -113,11 +144,10 @@ def log_mel(
     return (log_spec + 4.0) / 4.0
 
 
-def _seconds_over(samples: int, spec: FeatureSpec) -> str:
-    """The duration with the fewest decimals (at least one) that still shows it is past the chunk: "30.01"."""
-    seconds = samples / spec.sampling_rate
+def _seconds_over(seconds: float, limit: float) -> str:
+    """The duration with the fewest decimals (at least one) that still shows it is past the limit: "30.01"."""
     for decimals in range(1, 7):
         text = f"{seconds:.{decimals}f}"
-        if float(text) > spec.chunk_length:
+        if float(text) > limit:
             return text
     return repr(seconds)

@@ -56,6 +56,12 @@ class GraphDecoder:
             self.state["position_ids"] = self.state["position_ids"] + 1
         return outputs["logits"]
 
+    def cache_bytes(self) -> int:
+        """Bytes of the cache the next step reads: self-attention caches, cross K/V or the encoder output (a
+        decoder-only prompt's hidden states or K/V), each held once; masks and positions are not cache. What the
+        cache formula (`el_export.contract.cache.cache_bytes`) predicts, measured on the live tensors."""
+        return sum(t.nbytes for t in self.state.values() if t.is_floating_point())
+
     def reorder(self, row_indices: torch.Tensor) -> None:
         row_indices = row_indices.to(self.backend.device)
         for spec in self.graph.inputs:

@@ -3,7 +3,9 @@
 import json
 import numbers
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,8 +15,20 @@ from el_export.errors import BundleError, InputError, InvalidArgumentError, Reso
 from el_export.runtime import make_backend, memory, speech
 from el_export.runtime.tokenizer import Tokenizer
 from el_export.search import SearchOutput, concat_outputs, generate_ids, resolve_options
+from el_export.search.options import merge_generation_config
+from el_export.search.search import check_streamer
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One generate call's generation arguments: the bundle's defaults under the caller's generation_config, the
+    kwargs that override both, and the streamer fed each new token."""
+
+    defaults: dict
+    kwargs: dict
+    streamer: Any
 
 
 def _longest(attention_mask: torch.Tensor | None) -> int:
@@ -85,6 +99,9 @@ class Generator:
         audio=None,
         language: str | None = None,
         task: str | None = None,
+        sampling_rate: int | None = None,
+        generation_config=None,
+        streamer=None,
         **kwargs,
     ) -> SearchOutput:
         """Generate with the semantics and output layout of HF `generate` (`return_dict_in_generate`).
@@ -96,8 +113,15 @@ class Generator:
             decoder_input_ids: int64 [B, P] decoder prompt; decoder_start_token_id is prepended
                 when it does not already start it.
             input_features, audio: speech models: log-mel features [B, mels, frames], or audio
-                (WAV/FLAC paths, or 16 kHz mono float arrays), one of the two.
+                (WAV/FLAC paths, resampled to the model's rate when theirs differs, or mono float arrays), one
+                of the two.
             language, task: multilingual Whisper ("en", "transcribe" / "translate"); detected if omitted.
+            sampling_rate: the rate of the audio arrays (default: the model's, 16 kHz), resampled when it
+                differs, as `sampling_rate` of HF's feature extractor (which refuses other rates).
+            generation_config: a transformers `GenerationConfig` or a dict of its fields: the fields it sets
+                replace the bundle's defaults, and kwargs override it, as in HF.
+            streamer: greedy search and sampling: `put(prompt ids [N, P])` once, `put(new tokens [N])` each
+                step, then `end()`, as HF calls a `TextStreamer`.
             **kwargs: HF generation arguments (num_beams, max_new_tokens, length_penalty, ...).
 
         Returns:
@@ -105,34 +129,37 @@ class Generator:
 
         Raises:
             InputError: empty input, token ids outside the vocabulary, too long for the model, non-finite audio.
-            InvalidArgumentError: invalid generation arguments.
-            ResourceError: one input's encoder activations or decoder state cannot fit in memory, even alone.
+            InvalidArgumentError: invalid generation arguments, or a streamer with beam search.
+            ResourceError: one input's encoder activations or decoder state cannot fit in memory, even alone (or,
+                with output_scores or a streamer, the whole batch at once).
         """
+        call = _Call(merge_generation_config(self._defaults(), generation_config), kwargs, streamer)
+        speech_inputs = dict(input_features=input_features, audio=audio, sampling_rate=sampling_rate,
+                             language=language, task=task)  # fmt: skip
         with self.backend.generating():
-            return self._generate(input_ids, attention_mask, decoder_input_ids, input_features, audio, language, task,
-                                  kwargs)  # fmt: skip
+            return self._generate(input_ids, attention_mask, decoder_input_ids, speech_inputs, call)
 
-    def _generate(self, input_ids, attention_mask, decoder_input_ids, input_features, audio, language, task, kwargs):
+    def _generate(self, input_ids, attention_mask, decoder_input_ids, speech_inputs: dict, call: _Call):
         if self.manifest.audio:
-            return self._generate_speech(input_features, audio, language, task, kwargs)
-        if input_features is not None or audio is not None or language is not None or task is not None:
-            raise InvalidArgumentError("input_features, audio, language and task are for speech models")
+            return self._generate_speech(call, **speech_inputs)
+        if any(value is not None for value in speech_inputs.values()):
+            raise InvalidArgumentError(f"{', '.join(speech_inputs)} are for speech models")
         input_ids, attention_mask = self._check_source(input_ids, attention_mask)
-        defaults = self._defaults()
         if self.manifest.kind == "decoder-only":
             if decoder_input_ids is not None:
                 raise InvalidArgumentError(
                     "decoder_input_ids is for encoder-decoder models; put the prompt in input_ids"
                 )
-            return self._generate_decoder_only(input_ids, attention_mask, defaults, kwargs)
+            return self._generate_decoder_only(input_ids, attention_mask, call)
         B = input_ids.shape[0]
-        start = kwargs.get(
+        defaults = call.defaults
+        start = call.kwargs.get(
             "decoder_start_token_id", defaults.get("decoder_start_token_id", defaults.get("bos_token_id"))
         )
         if start is None:
             raise InvalidArgumentError("the bundle has no decoder_start_token_id; pass decoder_start_token_id=...")
         prompt = self._decoder_prompt(decoder_input_ids, B, start)
-        options = self._options(defaults, prompt.shape[1], True, kwargs)
+        options = self._options(call, prompt.shape[1], True)
         device = self.backend.device
 
         def run(rows: slice, encoder_chunk: int) -> SearchOutput:
@@ -140,9 +167,9 @@ class Generator:
             feeds = {"input_ids": input_ids[rows].to(device), "attention_mask": mask}
             encoded = self._run_chunked("encoder", feeds, encoder_chunk)
             decoder = self.backend.make_decoder({**encoded, "encoder_mask": mask})
-            return generate_ids(decoder, prompt[rows].to(device), options)
+            return generate_ids(decoder, prompt[rows].to(device), options, streamer=call.streamer)
 
-        return self._in_chunks(B, options, input_ids.shape[1], run, _longest(attention_mask))
+        return self._in_chunks(B, options, call.streamer, input_ids.shape[1], run, _longest(attention_mask))
 
     def _decoder_prompt(self, decoder_input_ids, batch: int, start) -> torch.Tensor:
         """int64 [B, P]: decoder_start_token_id, then decoder_input_ids unless they already start with it. The ids
@@ -153,14 +180,7 @@ class Generator:
         prompt = torch.full((batch, 1), start, dtype=torch.int64)
         if decoder_input_ids is None:
             return prompt
-        try:
-            given = torch.as_tensor(decoder_input_ids)
-        except (TypeError, ValueError, RuntimeError) as e:  # not numbers, ragged, or past int64
-            raise InputError(
-                f"decoder_input_ids must be a rectangular [batch, length] array of ids ({first_line(e)})"
-            ) from None
-        if given.dim() == 1:
-            given = given[None]
+        given = _array(decoder_input_ids, "decoder_input_ids", "ids")
         if given.dim() != 2 or given.shape[0] != batch or given.shape[1] == 0 or given.dtype not in _INTEGER_DTYPES:
             raise InputError(
                 f"decoder_input_ids must be integer [{batch}, length >= 1], one row per input, got {given.dtype} "
@@ -171,10 +191,10 @@ class Generator:
             raise InputError(f"decoder_input_ids holds ids outside the decoder's vocabulary [0, {vocab})")
         return given if (given[:, 0] == start).all() else torch.cat([prompt, given], dim=1)
 
-    def _generate_speech(self, input_features, audio, language, task, kwargs) -> SearchOutput:
+    def _generate_speech(self, call: _Call, input_features, audio, sampling_rate, language, task) -> SearchOutput:
         """Whisper, short-form: the encoder over 30 s of features, then the decoder from HF's prompt."""
-        features = speech.features(self.manifest, self.mel_filters, input_features, audio)
-        defaults = self._defaults()
+        features = speech.features(self.manifest, self.mel_filters, input_features, audio, sampling_rate)
+        defaults = call.defaults
         device = self.backend.device
         frames = self.manifest.graphs["encoder"].output("encoder_hidden").shape[1]
         longest_prompt = 4  # [sot, language, task, no_timestamps]: for the memory estimate
@@ -187,26 +207,28 @@ class Generator:
             prompt = speech.decoder_prompt(
                 defaults, B, language, task, detect=lambda: self.backend.make_decoder(context).start(sot, 1)
             )
-            options = self._options(defaults, prompt.shape[1], True, kwargs)
-            return generate_ids(self.backend.make_decoder(context), prompt.to(device), options)
+            options = self._options(call, prompt.shape[1], True)
+            return generate_ids(self.backend.make_decoder(context), prompt.to(device), options, streamer=call.streamer)
 
-        estimate = self._options(defaults, longest_prompt, True, kwargs)
-        return self._in_chunks(features.shape[0], estimate, frames, run)
+        estimate = self._options(call, longest_prompt, True)
+        return self._in_chunks(features.shape[0], estimate, call.streamer, frames, run)
 
-    def _in_chunks(self, batch: int, options, source_len: int, run, longest: int = 0) -> SearchOutput:
+    def _in_chunks(self, batch: int, options, streamer, source_len: int, run, longest: int = 0) -> SearchOutput:
         """Run `run(rows, encoder_chunk)` over chunks of inputs whose decoder state fits in memory, each encoded
         (or prefilled) `encoder_chunk` inputs at a time so that the activations fit too (see `memory.py`). Both are
-        checked before any graph runs; `longest` is the input a refusal names."""
+        checked, and the streamer too, before any graph runs; `longest` is the input a refusal names."""
+        check_streamer(streamer, options)
         rows_per_input = max(options.num_beams, options.num_return_sequences)
         per_input = memory.bytes_per_input(self.manifest, rows_per_input, source_len, options.max_length)
         chunk = memory.inputs_per_chunk(batch, per_input, self.memory_limit, self.backend.device)
         encoder_chunk = self._inputs_per_encoder_call(chunk, source_len, longest)
         if chunk >= batch:
             return run(slice(0, batch), encoder_chunk)
-        if options.output_scores:
+        if options.output_scores or streamer is not None:
+            joined = "output_scores cannot be joined" if options.output_scores else "a streamer cannot be fed in parts"
             raise ResourceError(
-                f"{batch} inputs do not fit in memory at once ({chunk} do) and output_scores cannot be joined across "
-                "chunks; pass fewer inputs per call"
+                f"{batch} inputs do not fit in memory at once ({chunk} do) and {joined} across chunks; pass fewer "
+                "inputs per call"
             )
         return concat_outputs([run(slice(i, i + chunk), encoder_chunk) for i in range(0, batch, chunk)], options)
 
@@ -214,9 +236,9 @@ class Generator:
         defaults = {**self.manifest.special_tokens, **self.manifest.generation_defaults}
         return {k: v for k, v in defaults.items() if v is not None}
 
-    def _generate_decoder_only(self, input_ids, attention_mask, defaults, kwargs) -> SearchOutput:
+    def _generate_decoder_only(self, input_ids, attention_mask, call: _Call) -> SearchOutput:
         """The prompt runs once (prefill); sequences include it, as HF returns them."""
-        options = self._options(defaults, input_ids.shape[1], False, kwargs)
+        options = self._options(call, input_ids.shape[1], False)
         device = self.backend.device
 
         def run(rows: slice, prefill_chunk: int) -> SearchOutput:
@@ -224,17 +246,20 @@ class Generator:
             prefill = self._run_chunked("prefill", {"input_ids": ids, "attention_mask": mask}, prefill_chunk)
             next_position = mask.sum(dim=1, keepdim=True)  # HF: positions count attended tokens
             context = {**prefill, "prompt_mask": mask, "position_ids": next_position}
-            return generate_ids(self.backend.make_decoder(context), ids, options, prompt_mask=mask)
+            return generate_ids(self.backend.make_decoder(context), ids, options, prompt_mask=mask,
+                                streamer=call.streamer)  # fmt: skip
 
-        return self._in_chunks(input_ids.shape[0], options, input_ids.shape[1], run, _longest(attention_mask))
+        return self._in_chunks(
+            input_ids.shape[0], options, call.streamer, input_ids.shape[1], run, _longest(attention_mask)
+        )
 
-    def _options(self, defaults: dict, prompt_length: int, is_encoder_decoder: bool, kwargs: dict):
+    def _options(self, call: _Call, prompt_length: int, is_encoder_decoder: bool):
         options = resolve_options(
-            defaults,
+            call.defaults,
             prompt_length=prompt_length,
             is_encoder_decoder=is_encoder_decoder,
             max_position_embeddings=self.max_target_positions,
-            **kwargs,
+            **call.kwargs,
         )
         if self.max_target_positions is not None and options.max_length > self.max_target_positions:
             raise InvalidArgumentError(
@@ -292,12 +317,7 @@ class Generator:
     def _check_source(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         if input_ids is None:
             raise InputError("no input_ids were given")
-        try:
-            input_ids = torch.as_tensor(input_ids)
-        except (TypeError, ValueError) as e:
-            raise InputError(f"input_ids must be a rectangular [batch, length] array of token ids ({e})") from None
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
+        input_ids = _array(input_ids, "input_ids", "token ids")
         if input_ids.dim() != 2 or input_ids.dtype not in _INTEGER_DTYPES:
             raise InputError(
                 f"input_ids must be integer [batch, length], got {input_ids.dtype} {list(input_ids.shape)}"
@@ -315,12 +335,7 @@ class Generator:
             raise InputError(f"input_ids holds ids outside the vocabulary [0, {vocab})")
         if attention_mask is None:
             attention_mask = self._default_mask(input_ids)
-        try:
-            attention_mask = torch.as_tensor(attention_mask)
-        except (TypeError, ValueError, RuntimeError) as e:  # not numbers, ragged, or past int64
-            raise InputError(
-                f"attention_mask must be a rectangular [batch, length] array of 0 and 1 ({first_line(e)})"
-            ) from None
+        attention_mask = _array(attention_mask, "attention_mask", "0 and 1")
         if attention_mask.shape != input_ids.shape:
             raise InputError(f"attention_mask {list(attention_mask.shape)} does not match input_ids {[B, S]}")
         if ((attention_mask != 0) & (attention_mask != 1)).any():  # HF masks any value but 1; the graphs differ
@@ -339,3 +354,13 @@ class Generator:
         if self.manifest.kind == "decoder-only" and pad is not None and pad not in eos and (input_ids == pad).any():
             return input_ids.ne(pad).to(torch.int64)
         return torch.ones_like(input_ids)
+
+
+def _array(value, name: str, what: str) -> torch.Tensor:
+    """A tensor from a tensor or nested lists, a 1-D one as one input's row; InputError naming `name` when it is
+    not a rectangular array of numbers."""
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as e:  # not numbers, ragged, or past int64
+        raise InputError(f"{name} must be a rectangular [batch, length] array of {what} ({first_line(e)})") from None
+    return tensor[None] if tensor.dim() == 1 else tensor

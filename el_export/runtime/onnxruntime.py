@@ -12,6 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
+from el_export import logs
 from el_export.contract.dtypes import name_of, numpy_dtype
 from el_export.contract.manifest import MANIFEST
 from el_export.errors import BackendError, BundleError, first_line
@@ -35,7 +36,7 @@ class OnnxRuntimeBackend(Backend):
         for name, graph in manifest.graphs.items():
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.log_severity_level = 3
+            options.log_severity_level = logs.onnxruntime_session_severity()
             if threads:
                 options.intra_op_num_threads = threads
             # The encoder (or prefill) runs once per batch with activations that grow with batch x length^2: an

@@ -6,27 +6,36 @@ A multilingual model without a given language detects it per input from the firs
 the language tokens, as HF's `detect_language` does. Timestamps are not predicted (no_timestamps).
 """
 
+import numbers
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from el_export.errors import InputError, InvalidArgumentError, first_line
-from el_export.runtime.audio import FeatureSpec, load_audio, log_mel
+from el_export.runtime.audio import FeatureSpec, load_audio, log_mel, mono_waveform, resample, too_long
 
 
-def features(manifest, mel_filters: torch.Tensor | None, input_features=None, audio=None):
-    """input_features as given (checked), or computed from audio: paths, or float32 mono arrays at 16 kHz."""
+def features(manifest, mel_filters: torch.Tensor | None, input_features=None, audio=None, sampling_rate=None):
+    """input_features as given (checked), or computed from audio: paths (read at the rate in their header), or
+    float32 mono arrays at `sampling_rate` (default: the model's), resampled to the model's rate when they differ."""
     spec = FeatureSpec(**{k: v for k, v in manifest.audio.items() if k != "mel_filters"})
     frames = manifest.graphs["encoder"].input("input_features").shape[2]
     if (input_features is None) == (audio is None):
-        raise InvalidArgumentError("give either input_features or audio (file paths or 16 kHz mono arrays)")
+        raise InvalidArgumentError("give either input_features or audio (WAV/FLAC paths, or mono float arrays)")
+    if sampling_rate is not None and audio is None:
+        raise InvalidArgumentError("sampling_rate is the rate of audio arrays; pass it with audio=, not input_features")
+    if sampling_rate is not None and (
+        isinstance(sampling_rate, bool) or not isinstance(sampling_rate, numbers.Integral) or sampling_rate <= 0
+    ):
+        raise InvalidArgumentError(f"`sampling_rate` must be a positive integer (Hz), got {sampling_rate!r}")
+    rate = spec.sampling_rate if sampling_rate is None else int(sampling_rate)
     if audio is not None:
         items = [audio] if isinstance(audio, str | Path | np.ndarray) else list(audio)
         if not items:
             raise InputError("no audio was given")
-        waves = [load_audio(a, spec.sampling_rate) if isinstance(a, str | Path) else a for a in items]
         names = [f"audio {i} ({a})" if isinstance(a, str | Path) else f"audio {i}" for i, a in enumerate(items)]
+        waves = [_waveform(a, name, rate, spec) for a, name in zip(items, names, strict=True)]
         input_features = log_mel(waves, spec, mel_filters, names)
     try:
         input_features = torch.as_tensor(input_features, dtype=torch.float32)
@@ -40,6 +49,19 @@ def features(manifest, mel_filters: torch.Tensor | None, input_features=None, au
     if not torch.isfinite(input_features).all():
         raise InputError("input_features holds NaN or infinite values; compute them from finite audio")
     return input_features
+
+
+def _waveform(audio, name: str, rate: int, spec: FeatureSpec):
+    """A file read at its own rate, or an array at `rate`, as samples at the model's rate. An array to resample is
+    checked, and refused when too long, first (an array said to be at 1 Hz would resample to gigabytes)."""
+    if isinstance(audio, str | Path):
+        return load_audio(audio, spec.sampling_rate, spec.chunk_length)
+    if rate == spec.sampling_rate:
+        return audio  # checked by log_mel
+    samples = mono_waveform(audio, name)
+    if samples.size > spec.chunk_length * rate:
+        raise too_long(name, samples.size, rate, spec.chunk_length)
+    return resample(samples, rate, spec.sampling_rate)
 
 
 def decoder_prompt(defaults: dict, batch: int, language: str | None, task: str | None, detect) -> torch.Tensor:

@@ -22,10 +22,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from el_export.contract.manifest import MANIFEST
 from el_export.errors import InputError, InvalidArgumentError
 
-JOB_FORMAT = 1
+JOB_FORMAT = 2  # 2: each output is {"text", "token_ids", "score"} (1: the text alone)
 _HEADER_KEY = "el_export_job"
 _HEADER_PREFIX = b'{"' + _HEADER_KEY.encode() + b'"'  # how every header line starts (json.dumps keeps key order)
 
@@ -124,7 +126,7 @@ def check_inputs(path: Path, generator, truncation: bool = False, written: dict[
             if tokens > limit:
                 raise InputError(
                     f"{path}:{record.line}: input is {tokens} tokens but the model takes at most {limit}; "
-                    "shorten it or pass --truncate to cut it"
+                    "shorten it or pass --truncation to cut it"
                 )
     for key in written:
         if key not in lines:
@@ -137,13 +139,47 @@ def check_inputs(path: Path, generator, truncation: bool = False, written: dict[
 
 def generate_batches(
     generator, records: Iterable[Record], batch_size: int, **kwargs
-) -> Iterator[list[tuple[Record, list[str]]]]:
+) -> Iterator[list[tuple[Record, list[dict]]]]:
     """(record, its outputs) for each batch of `batch_size` records: one generate call per batch."""
-    per_input = kwargs.get("num_return_sequences", 1)
     records = iter(records)
     while batch := list(itertools.islice(records, batch_size)):
-        results = generator.generate_text([r.text for r in batch], **kwargs)
-        yield [(r, results[i * per_input : (i + 1) * per_input]) for i, r in enumerate(batch)]
+        outputs = generate_outputs(generator, [r.text for r in batch], **kwargs)
+        per_input = len(outputs) // len(batch)
+        yield [(r, outputs[i * per_input : (i + 1) * per_input]) for i, r in enumerate(batch)]
+
+
+def generate_outputs(generator, texts: list[str], truncation: bool = False, **kwargs) -> list[dict]:
+    """`Generator.generate_text` that keeps the ids and scores: one {"text", "token_ids", "score"} per sequence,
+    those of one input adjacent. token_ids are the sequence as generate returns it (decoder-only: the continuation)
+    up to its first end token, so they hold no padding from longer sequences in the batch; text is them decoded;
+    score is beam search's sequences_scores, None for greedy search and sampling."""
+    if generator.tokenizer is None:
+        raise InvalidArgumentError("this model has no tokenizer (none was exported); pass token ids to generate()")
+    manifest, prompt = generator.manifest, 0
+    if manifest.audio:  # audio paths in: nothing to truncate
+        out = generator.generate(audio=texts, **kwargs)
+    else:
+        input_ids, mask = generator.tokenizer.encode(texts, max_length=generator.max_source_positions,
+                                                     truncation=truncation)  # fmt: skip
+        out = generator.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        if manifest.kind == "decoder-only":
+            prompt = input_ids.shape[1]
+    eos = kwargs.get("eos_token_id", manifest.generation_defaults.get("eos_token_id"))
+    eos = manifest.special_tokens.get("eos_token_id") if eos is None else eos
+    ends = {eos} if isinstance(eos, int) else set(eos or ())
+    first = 0 if prompt else 1  # an encoder-decoder's sequence opens with its start token (BART's is eos)
+    outputs = []
+    for i, row in enumerate(out.sequences[:, prompt:].tolist()):
+        end = next((j + 1 for j in range(first, len(row)) if row[j] in ends), len(row))
+        ids = row[:end]
+        score = None if out.sequences_scores is None else float(out.sequences_scores[i])
+        outputs.append({"text": generator.tokenizer.decode(torch.tensor([ids]))[0], "token_ids": ids, "score": score})
+    return outputs
+
+
+def record_json(record: Record, outputs: list[dict]) -> dict:
+    """A result, in the one shape of `generate --json` lines and `--output` records."""
+    return {"id": record.id, "input_sha256": record.sha256, "input": record.text, "outputs": outputs}
 
 
 class JobOutput:
@@ -243,16 +279,12 @@ class JobOutput:
         self._check_job(header, job)
         return done
 
-    def append(self, records: list[tuple[Record, list[str]]]) -> None:
+    def append(self, records: list[tuple[Record, list[dict]]]) -> None:
         """Append records (after the header, if the output is empty) as one write of whole lines and an fsync;
         on any failure the file is cut back to what it held."""
         assert self._header is not None, "resume() the output before appending to it"
         size = os.fstat(self.fd).st_size
-        lines = [
-            json.dumps({"id": r.id, "input_sha256": r.sha256, "input": r.text, "outputs": outputs}, ensure_ascii=False)
-            + "\n"
-            for r, outputs in records
-        ]
+        lines = [json.dumps(record_json(r, outputs), ensure_ascii=False) + "\n" for r, outputs in records]
         data = memoryview((self._header if size == 0 else b"") + "".join(lines).encode("utf-8"))
         try:
             while data:

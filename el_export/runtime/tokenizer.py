@@ -95,7 +95,7 @@ class Tokenizer:
                 if not truncation:
                     raise InputError(
                         f"input {i} is {len(ids)} tokens but the model takes at most {max_length}; "
-                        "shorten it or pass truncation=True (--truncate) to cut it"
+                        "shorten it or pass truncation=True (--truncation) to cut it"
                     )
                 self._truncating.enable_truncation(max_length)
                 with self._failures(f"on input {i}"):

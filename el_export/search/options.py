@@ -273,14 +273,10 @@ def resolve_options(
     """
     unknown = sorted(set(user_kwargs) - _FIELDS - _IGNORED - _INERT.keys())
     if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(_FIELDS), n=1)
-        hint = f"did you mean `{close[0]}`?" if close else f"known: {', '.join(sorted(_FIELDS))}."
-        _fail(f"unknown generation argument `{unknown[0]}`; {hint}")
+        _fail(f"unknown generation argument `{unknown[0]}`; {_did_you_mean(unknown[0], _FIELDS)}")
     model_known = {key: value for key, value in model_defaults.items() if key not in _IGNORED}
-    for source, values in (("the checkpoint's generation config", model_known), ("generate", user_kwargs)):
-        for key, value in values.items():
-            if key in _INERT and value is not None and value != _INERT[key]:
-                _fail(f"{source} sets `{key}={value!r}`, which el-export does not implement; unset it.")
+    _check_inert("the checkpoint's generation config", model_known)
+    _check_inert("generate", user_kwargs)
 
     merged = dict(_HF_DEFAULTS)
     merged.update({k: v for k, v in model_known.items() if k in _HF_FIELDS and v is not None})
@@ -305,6 +301,57 @@ def resolve_options(
     options = GenerationOptions(**merged)
     check_prompt_length(options, prompt_length)
     return options
+
+
+def merge_generation_config(model_defaults: dict[str, Any], generation_config: Any) -> dict[str, Any]:
+    """The checkpoint's defaults under a caller's `generation_config`, merged as HF `_prepare_generation_config`
+    merges them: each field the config sets (not None) replaces the checkpoint's, the others stay the checkpoint's.
+    `generate`'s kwargs then override both (`resolve_options`).
+
+    Args:
+        model_defaults: the checkpoint's generation config as a plain dict.
+        generation_config: None; a transformers `GenerationConfig`, read through its `to_diff_dict()` (duck-typed:
+            the runtime imports no transformers), its custom entries ignored as HF ignores them; or a dict of
+            GenerationConfig fields, where an unknown key is refused (a misspelt field would go unseen).
+
+    Returns:
+        The merged defaults, to pass to `resolve_options`.
+
+    Raises:
+        InvalidArgumentError: neither a GenerationConfig nor a dict, an unknown dict key, or a field el-export does
+            not implement.
+    """
+    if generation_config is None:
+        return dict(model_defaults)
+    config_fields = _HF_FIELDS | _IGNORED | _INERT.keys()
+    if isinstance(generation_config, dict):
+        unknown = sorted(set(generation_config) - config_fields, key=str)
+        if unknown:
+            name = str(unknown[0])
+            hint = "pass it to generate(seed=...)." if name == "seed" else _did_you_mean(name, _HF_FIELDS)
+            _fail(f"generation_config has no field `{name}`; {hint}")
+        values = generation_config
+    elif callable(getattr(generation_config, "to_diff_dict", None)):
+        values = {key: value for key, value in generation_config.to_diff_dict().items() if key in config_fields}
+    else:
+        _fail(
+            "`generation_config` must be a transformers GenerationConfig or a dict of its fields, got "
+            f"{type(generation_config).__name__}."
+        )
+    values = {key: value for key, value in values.items() if value is not None and key not in _IGNORED}
+    _check_inert("generation_config", values)
+    return {**model_defaults, **values}
+
+
+def _did_you_mean(name: str, known: frozenset[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f"did you mean `{close[0]}`?" if close else f"known: {', '.join(sorted(known))}."
+
+
+def _check_inert(source: str, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if key in _INERT and value is not None and value != _INERT[key]:
+            _fail(f"{source} sets `{key}={value!r}`, which el-export does not implement; unset it.")
 
 
 def check_prompt_length(options: GenerationOptions, prompt_length: int) -> None:

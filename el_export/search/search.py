@@ -7,9 +7,11 @@ is the stop check, as in HF.
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from el_export.errors import InvalidArgumentError
 from el_export.search.decoder import StepDecoder
 from el_export.search.options import GenerationOptions, check_prompt_length
 from el_export.search.processors import Processor, build_processors
@@ -40,6 +42,7 @@ def generate_ids(
     prompt_ids: torch.Tensor,
     options: GenerationOptions,
     prompt_mask: torch.Tensor | None = None,
+    streamer: Any = None,
 ) -> SearchOutput:
     """Generate token ids with HF `generate` semantics (greedy, sampling, beam search, beam sampling).
 
@@ -49,17 +52,22 @@ def generate_ids(
         options: resolved options (see `resolve_options`, called with this P).
         prompt_mask: int64 [B, P], 0 on the left padding of decoder-only prompts; the repetition
             penalty ignores padding as HF does. None when there is no padding (and for encoder-decoder).
+        streamer: greedy and sampling only, as in HF: an object with `put(ids)` and `end()` (a transformers
+            `TextStreamer`, say), called as HF calls it (see `check_streamer`).
 
     Returns:
         A `SearchOutput` on the decoder's device.
 
     Raises:
-        InvalidArgumentError: the prompt leaves no room to generate, or a forced or banned id is
-            outside the vocabulary.
+        InvalidArgumentError: the prompt leaves no room to generate, a forced or banned id is outside the
+            vocabulary, or a streamer with beam search.
     """
     P = prompt_ids.shape[1]
     check_prompt_length(options, P)
+    check_streamer(streamer, options)
     k = options.num_beams if options.num_beams > 1 else options.num_return_sequences  # rows per input
+    if streamer is not None:  # HF: the expanded prompt, once, before the first step
+        streamer.put(prompt_ids.repeat_interleave(k, dim=0).cpu())  # [B * k, P]
     logits = decoder.start(prompt_ids, k)  # [B * k, V]
     device = logits.device
     ids = prompt_ids.to(device).repeat_interleave(k, dim=0)  # [B * k, P]
@@ -72,8 +80,31 @@ def generate_ids(
     generator = None  # None draws from torch's global generator, as HF does
     if options.do_sample and options.seed is not None:
         generator = torch.Generator(device=device).manual_seed(options.seed)
-    search = _sample if options.num_beams == 1 else _beam_search
-    return search(decoder, ids, logits, options, processors, generator)
+    if options.num_beams == 1:
+        return _sample(decoder, ids, logits, options, processors, generator, streamer)
+    return _beam_search(decoder, ids, logits, options, processors, generator)
+
+
+def check_streamer(streamer: Any, options: GenerationOptions) -> None:
+    """HF `generate` calls `streamer.put(prompt ids [N, P])` once, `put(new tokens [N])` after each step and `end()`
+    at the end, in greedy search and sampling only. HF refuses a streamer with beam search; with beam sampling it
+    puts the prompt and then nothing (no `end()`): both are refused here, before anything runs.
+
+    Raises:
+        InvalidArgumentError: the streamer lacks `put` or `end`, or num_beams > 1.
+    """
+    if streamer is None:
+        return
+    if not all(callable(getattr(streamer, name, None)) for name in ("put", "end")):
+        raise InvalidArgumentError(
+            f"`streamer` must have put() and end() methods (a transformers TextStreamer, say), got "
+            f"{type(streamer).__name__}"
+        )
+    if options.num_beams > 1:
+        raise InvalidArgumentError(
+            f"`streamer` cannot be used with beam search (num_beams={options.num_beams}); set num_beams=1 or drop "
+            "the streamer"
+        )
 
 
 def _process(processors: list[Processor], ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -93,8 +124,10 @@ def _sample(
     options: GenerationOptions,
     processors: list[Processor],
     generator: torch.Generator | None,
+    streamer: Any,
 ) -> SearchOutput:
-    """HF `_sample`: greedy (argmax) or multinomial sampling; finished rows are padded with pad_token_id."""
+    """HF `_sample`: greedy (argmax) or multinomial sampling; finished rows are padded with pad_token_id. The
+    streamer gets each step's tokens [N] (finished rows' padding included) as HF's `StopCheck` hands them out."""
     eos = _eos_tensor(options, ids.device)
     unfinished = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device)  # [N]
     scores: list[torch.Tensor] = []
@@ -112,9 +145,13 @@ def _sample(
             next_tokens = next_tokens * unfinished + options.pad_token_id * (1 - unfinished)
             unfinished = unfinished & ~torch.isin(next_tokens, eos)
         ids = torch.cat([ids, next_tokens[:, None]], dim=-1)  # [N, T + 1]
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
         if ids.shape[1] >= options.max_length or unfinished.max() == 0:
             break
         logits = decoder.step(next_tokens[:, None])
+    if streamer is not None:
+        streamer.end()
     return SearchOutput(sequences=ids, scores=tuple(scores) if options.output_scores else None)
 
 

@@ -199,8 +199,9 @@ class BatchRunner:
         return [row[keep != 0].tolist() for row, keep in zip(values, mask, strict=True)]
 
     def _audio_items(self, values: np.ndarray, mask, truncation: bool) -> list[np.ndarray]:
-        rate = self.generator.manifest.audio["sampling_rate"]
-        return [load_audio(value if isinstance(value, bytes) else bytes(value), rate) for value in values[:, 0]]
+        audio = self.generator.manifest.audio  # an upload's length is checked before it is decoded or resampled
+        return [load_audio(value if isinstance(value, bytes) else bytes(value), audio["sampling_rate"],
+                           max_seconds=audio["chunk_length"]) for value in values[:, 0]]  # fmt: skip
 
     def _samples_items(self, values: np.ndarray, mask, truncation: bool) -> list[np.ndarray]:
         return [row.astype(np.float32) for row in values]

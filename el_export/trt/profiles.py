@@ -21,8 +21,8 @@ DEFAULT_SOURCE = 512  # source (or prompt) tokens when the model has no position
 
 # The `el-export build` option that raises each axis's limit, for errors that say how to rebuild.
 AXIS_OPTIONS = {
-    "batch": "--max-batch",
-    "rows": "--max-batch and --max-beams",
+    "batch": "--max-batch-size",
+    "rows": "--max-batch-size and --max-beams",
     "source": "--max-source",
     "past": "--max-new-tokens",
     "prompt": "--max-prompt",

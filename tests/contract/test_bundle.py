@@ -1,6 +1,5 @@
 """Bundles are checked at load: missing or changed files, other format versions, unsafe names."""
 
-import json
 import shutil
 
 import pytest
@@ -8,6 +7,8 @@ import pytest
 import el_export
 from el_export.contract.files import read_manifest
 from el_export.errors import BackendError, BundleError
+
+from .conftest import edit_manifest
 
 
 @pytest.fixture
@@ -18,13 +19,6 @@ def bundle_copy(bundles, tmp_path):
         return target
 
     return make
-
-
-def _edit_manifest(bundle, change):
-    path = bundle / "manifest.json"
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
 
 
 def test_missing_file(bundle_copy):
@@ -47,7 +41,7 @@ def test_changed_graph_fails_its_sha256(bundle_copy):
 
 def test_other_format_version(bundle_copy):
     bundle = bundle_copy()
-    _edit_manifest(bundle, lambda d: d.update(format_version=99))
+    edit_manifest(bundle, lambda d: d.update(format_version=99))
     with pytest.raises(BundleError, match="format version 99 is not supported"):
         read_manifest(bundle)
 
@@ -55,7 +49,7 @@ def test_other_format_version(bundle_copy):
 @pytest.mark.parametrize("name", ["../outside.onnx", "/etc/passwd", "a/../../b"])
 def test_file_names_outside_the_bundle_are_refused(bundle_copy, name):
     bundle = bundle_copy()
-    _edit_manifest(bundle, lambda d: d["files"].update({name: {"sha256": "0" * 64, "bytes": 1}}))
+    edit_manifest(bundle, lambda d: d["files"].update({name: {"sha256": "0" * 64, "bytes": 1}}))
     with pytest.raises(BundleError, match="outside the bundle directory"):
         read_manifest(bundle)
 
@@ -72,7 +66,7 @@ def test_not_a_bundle(tmp_path):
 
 def test_manifest_with_a_wrong_field_type(bundle_copy):
     bundle = bundle_copy()
-    _edit_manifest(bundle, lambda d: d.update(mode="fast"))
+    edit_manifest(bundle, lambda d: d.update(mode="fast"))
     with pytest.raises(BundleError, match="'mode' is 'fast'"):
         read_manifest(bundle)
 

@@ -17,6 +17,8 @@ from el_export.contract.files import read_manifest
 from el_export.errors import BundleError
 from el_export.export import export_model
 
+from .conftest import edit_manifest
+
 IDS = [[5, 6, 7, 2]]
 
 
@@ -49,18 +51,11 @@ def external_bundle(hf_models, tmp_path_factory):
     return out
 
 
-def _edit_manifest(bundle, change):
-    path = bundle / "manifest.json"
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
-
-
 def _replace(bundle, name, data: bytes):
     """Write a bundle file and record its new sha256 and size, so the check under test is not the sha256's."""
     (bundle / name).write_bytes(data)
     entry = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    _edit_manifest(bundle, lambda d: d["files"].update({name: entry}))
+    edit_manifest(bundle, lambda d: d["files"].update({name: entry}))
 
 
 def _cli_error(bundle, capsys, *texts) -> str:
@@ -142,7 +137,7 @@ def test_external_data_swapped_after_its_check_is_never_used(external_bundle, bu
 
 def test_external_data_the_manifest_does_not_list_is_refused(external_bundle, tmp_path, capsys):
     bundle = _copy(external_bundle, tmp_path)
-    _edit_manifest(bundle, lambda d: d["files"].pop("decoder_step.onnx.data"))
+    edit_manifest(bundle, lambda d: d["files"].pop("decoder_step.onnx.data"))
     assert "keeps weights in 'decoder_step.onnx.data', which manifest.json does not list" in _cli_error(bundle, capsys)
 
 
@@ -166,7 +161,7 @@ def test_a_file_under_a_linked_directory_is_refused(bundle, tmp_path):
     _replace(bundle, "extra.bin", b"weights")
     (bundle / "extra.bin").rename(outside / "extra.bin")
     (bundle / "sub").symlink_to(outside)
-    _edit_manifest(bundle, lambda d: d["files"].update({"sub/extra.bin": d["files"].pop("extra.bin")}))
+    edit_manifest(bundle, lambda d: d["files"].update({"sub/extra.bin": d["files"].pop("extra.bin")}))
     with pytest.raises(BundleError, match="sub/extra.bin is a symbolic link"):
         read_manifest(bundle)
     with pytest.raises(BundleError, match="sub/extra.bin is a symbolic link"):
@@ -179,7 +174,7 @@ def test_a_listed_directory_or_fifo_is_refused_without_blocking(bundle, capsys, 
         (bundle / "extra").mkdir()
     else:
         os.mkfifo(bundle / "extra")  # opening it for reading would block until a writer came
-    _edit_manifest(bundle, lambda d: d["files"].update({"extra": {"sha256": "0" * 64, "bytes": 0}}))
+    edit_manifest(bundle, lambda d: d["files"].update({"extra": {"sha256": "0" * 64, "bytes": 0}}))
     assert "extra is not a regular file" in _cli_error(bundle, capsys)
 
 
@@ -193,19 +188,19 @@ def test_a_listed_directory_or_fifo_is_refused_without_blocking(bundle, capsys, 
     ],
 )
 def test_a_contract_that_differs_from_its_graph_is_refused(bundle, capsys, change, message):
-    _edit_manifest(bundle, lambda d: change(d["graphs"]["decoder_step"]))
+    edit_manifest(bundle, lambda d: change(d["graphs"]["decoder_step"]))
     assert message in _cli_error(bundle, capsys)
 
 
 def test_a_forged_logits_size_is_refused_before_any_allocation(bundle, capsys):
-    _edit_manifest(bundle, lambda d: d["graphs"]["decoder_step"]["outputs"][0].update(shape=["rows", 4_000_000_000]))
+    edit_manifest(bundle, lambda d: d["graphs"]["decoder_step"]["outputs"][0].update(shape=["rows", 4_000_000_000]))
     assert "'logits' declares size 4000000000" in _cli_error(bundle, capsys)
 
     def vocab_4000(d):  # a consistent lie: dims and contract agree with each other, not with the graph
         d["dims"]["vocab_size"] = 4000
         d["graphs"]["decoder_step"]["outputs"][0]["shape"] = ["rows", 4000]
 
-    _edit_manifest(bundle, vocab_4000)
+    edit_manifest(bundle, vocab_4000)
     assert "output 'logits' has shape ['rows', 96] in the graph, ['rows', 4000] in the manifest" in _cli_error(
         bundle, capsys
     )
@@ -221,15 +216,15 @@ def test_a_forged_logits_size_is_refused_before_any_allocation(bundle, capsys):
     ],
 )
 def test_token_ids_outside_the_vocabulary_are_refused(bundle, capsys, field, key, value):
-    _edit_manifest(bundle, lambda d: d[field].update({key: value}))
+    edit_manifest(bundle, lambda d: d[field].update({key: value}))
     err = _cli_error(bundle, capsys)
     assert f"manifest {field}.{key} holds " in err and "which is not a token id below vocab_size 96" in err
 
 
 def test_token_ids_and_dims_at_their_limits(bundle, capsys):
-    _edit_manifest(bundle, lambda d: d["special_tokens"].update(pad_token_id=95))
+    edit_manifest(bundle, lambda d: d["special_tokens"].update(pad_token_id=95))
     assert _sequences(bundle)  # the last id of the vocabulary is an id
-    _edit_manifest(bundle, lambda d: d["dims"].update(vocab_size=2**31))
+    edit_manifest(bundle, lambda d: d["dims"].update(vocab_size=2**31))
     assert "manifest dims.vocab_size is missing or not a positive integer below 2**31" in _cli_error(bundle, capsys)
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from el_export.cli import main
-from el_export.runtime.generator import Generator
 
 FAST = ["--batch-size", "1", "--num-beams", "1", "--max-new-tokens", "4"]
 
@@ -40,19 +39,6 @@ def _job(bundle, inputs: Path, output: Path, *extra: str) -> list[str]:
 
 def _lines(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture
-def generated(monkeypatch) -> list[str]:
-    """The texts generate_text was called with in this test: empty means nothing ran."""
-    texts, original = [], Generator.generate_text
-
-    def spy(self, batch, **kwargs):
-        texts.extend(batch)
-        return original(self, batch, **kwargs)
-
-    monkeypatch.setattr(Generator, "generate_text", spy)
-    return texts
 
 
 @pytest.fixture

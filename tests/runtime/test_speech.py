@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -62,13 +61,7 @@ def test_features_equal_hf_feature_extractor():
 
 
 def test_bad_audio_is_a_clear_error(tmp_path, bundles):
-    import soundfile
-
     generator = el_export.load(bundles("whisper", "el"))
-    wrong_rate = tmp_path / "44k.wav"
-    soundfile.write(wrong_rate, np.zeros(4410, dtype=np.float32), 44100)
-    with pytest.raises(InputError, match="44100 Hz but the model needs 16000 Hz"):
-        generator.generate(audio=[str(wrong_rate)])
     with pytest.raises(InputError, match="does not exist"):
         generator.generate(audio=[str(tmp_path / "missing.wav")])
     with pytest.raises(InputError, match="input_features must be"):

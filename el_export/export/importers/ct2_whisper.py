@@ -15,8 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from el_export.errors import CheckpointError
+from el_export.contract.files import replacing_directory
+from el_export.errors import CheckpointError, InvalidArgumentError
 
+MARKER = "el_export_import.json"  # what this importer wrote, so that --overwrite replaces nothing else
+_IMPORTER = "ct2-whisper"
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}  # CTranslate2's DataType order
 
 
@@ -69,11 +72,17 @@ def _layers(variables: dict, prefix: str) -> int:
     return len({m.group(1) for name in variables if (m := re.match(rf"^{prefix}/layer_(\d+)/", name))})
 
 
-def import_whisper(ct2_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write a `WhisperForConditionalGeneration` checkpoint equivalent to a CTranslate2 Whisper model.
+def import_whisper(ct2_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a `WhisperForConditionalGeneration` checkpoint equivalent to a CTranslate2 Whisper model, atomically
+    (a failure leaves nothing at `out_dir`).
+
+    Args:
+        overwrite: replace an existing `out_dir`, if it is empty or a checkpoint this importer wrote (never
+            anything else).
 
     Raises:
         CheckpointError: the directory is not a CTranslate2 Whisper model.
+        InvalidArgumentError: `out_dir` exists (without `overwrite`), or is not a checkpoint this importer wrote.
     """
     from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
     from transformers.utils import logging as hf_logging
@@ -84,6 +93,7 @@ def import_whisper(ct2_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     for name in ("model.bin", "config.json", "tokenizer.json"):
         if not (ct2_dir / name).is_file():
             raise CheckpointError(f"{ct2_dir} has no {name}: not a CTranslate2 Whisper model directory")
+    _check_out(out_dir, overwrite)
     spec, v = read_model_bin(ct2_dir / "model.bin")
     if spec != "WhisperSpec":
         raise CheckpointError(f"{ct2_dir} holds a CTranslate2 {spec}, not a WhisperSpec")
@@ -115,15 +125,38 @@ def import_whisper(ct2_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
             f"{ct2_dir}: weights do not map onto Whisper (missing {missing}; unexpected {unexpected})"[:300]
         )
     model.generation_config = _generation_config(GenerationConfig, config, ct2_config, special)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
-    (out_dir / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
-                    "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
-    )  # fmt: skip
-    WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(out_dir)
+    with replacing_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
+        (tmp / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
+                        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+        )  # fmt: skip
+        WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"importer": _IMPORTER, "source": str(ct2_dir.absolute())}) + "\n")
     return out_dir
+
+
+def _check_out(out_dir: Path, overwrite: bool) -> None:
+    """An existing `out_dir` is replaced only with `overwrite`, and only when it is empty or holds this importer's
+    MARKER: a directory of anything else is never removed."""
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return
+    if not overwrite:
+        raise InvalidArgumentError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    if out_dir.is_symlink() or not out_dir.is_dir() or not (_written_here(out_dir) or not any(out_dir.iterdir())):
+        raise InvalidArgumentError(
+            f"{out_dir} is not a checkpoint that import-ct2 wrote (no {MARKER}) nor an empty directory; --overwrite "
+            "replaces only those: choose another --out"
+        )
+
+
+def _written_here(directory: Path) -> bool:
+    try:
+        data = json.loads((directory / MARKER).read_bytes())
+    except (OSError, ValueError):  # absent, unreadable or not JSON: not ours to replace
+        return False
+    return isinstance(data, dict) and data.get("importer") == _IMPORTER
 
 
 def _hf_state(v: dict, config) -> dict[str, torch.Tensor]:
