@@ -13,7 +13,6 @@ input hashes) of the records.
 import contextlib
 import errno
 import fcntl
-import hashlib
 import itertools
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from el_export.contract.files import sha256, sha256_bytes
 from el_export.contract.manifest import MANIFEST
 from el_export.errors import InputError, InvalidArgumentError
 
@@ -54,7 +54,7 @@ class Record:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+        return sha256_bytes(self.text.encode("utf-8"))
 
 
 def read_records(path: Path) -> Iterator[Record]:
@@ -371,7 +371,7 @@ def generate_file(
     manifest = Path(generator.backend.bundle_dir) / MANIFEST
     job = {
         "format": JOB_FORMAT,
-        "bundle_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),  # the manifest hashes every file
+        "bundle_sha256": sha256(manifest),  # the manifest hashes every file
         "generation": dict(sorted(kwargs.items())),
     }
     done = output.resume(job)
