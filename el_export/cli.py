@@ -92,7 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSONL output: a header, then the --json records; an existing one is resumed (same bundle, "
                         "settings and inputs), one job at a time")  # fmt: skip
     p.add_argument("--backend", default="onnxruntime", help="runtime: onnxruntime, or tensorrt (el-export build)")
-    p.add_argument("--batch-size", type=int, default=8, help="inputs per search batch")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="inputs read, tokenized and encoded together; they join the running batch as memory allows",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        metavar="N",
+        help="most inputs in flight in the running batch (unset: as memory allows)",
+    )
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        metavar="N",
+        help="most decoder rows (inputs x beams) in flight (unset: as memory allows)",
+    )
+    p.add_argument(
+        "--batching",
+        choices=("continuous", "static"),
+        default="continuous",
+        help="continuous: inputs join the running batch at step boundaries and leave it when their search "
+        "ends; static: each batch runs until its longest input ends (the baseline)",
+    )
     p.add_argument("--memory-limit", type=_gib, metavar="GiB",
                    help="cap on decoder state and encoder activations; larger batches are split (unset: the memory "
                         "the device has free)")  # fmt: skip
@@ -163,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("serve", help="serve a bundle through Triton (shipped with PyTriton), with dynamic batching")
     p.add_argument("bundle", type=Path, help="bundle directory to serve")
-    _add_serving_arguments(p)
+    _add_serving_arguments(p, "model instances sharing the loaded bundle and its running batch (default: 4 "
+                           "with --batching inflight, which batches the model calls in flight at once; 1 with "
+                           "group)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 127.0.0.1 is this machine only")
     p.add_argument("--port", "--http-port", dest="http_port", type=int, default=8000, help="HTTP port")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
@@ -177,14 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path, help="bundle directory (copied into the repository)")
     p.add_argument("--out", type=Path, help="repository directory to create; the model is OUT/<model-name> (unset: "
                    "graphs/triton/<model-name>, which git ignores)")  # fmt: skip
-    _add_serving_arguments(p)
+    _add_serving_arguments(p, "model instances, each a process with its own copy of the bundle and its own running "
+                           "batch (default 1)")  # fmt: skip
     p.add_argument("--backend", default="onnxruntime", help="el-export backend the model runs on")
     p.set_defaults(run=_triton_repo)
 
     p = add("bench", help="time and memory of el, kv, HF generate and CTranslate2 on the same inputs",
             description="With BUNDLE: your model on your inputs, el vs kv (the other mode, exported from --reference) "
             "vs HF generate on --reference vs CTranslate2 float32, each engine in its own process, outputs compared "
-            "with HF's. Without: the built-in workloads W1-W4 (docs/benchmarks.md).")  # fmt: skip
+            "with HF's. Without: the built-in workloads W1-W6 (docs/benchmarks.md).")  # fmt: skip
     p.add_argument("bundle", type=Path, nargs="?", metavar="BUNDLE", help="your bundle (none: the built-in workloads)")
     p.add_argument("--reference", metavar="CKPT",
                    help="BUNDLE: the checkpoint it was exported from (HF generate runs it; the other mode and "
@@ -196,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="BUNDLE: unset: 32; speech: whole transcripts")
     p.add_argument("--batch-size", type=int, metavar="B", help="BUNDLE: inputs per generate call (unset: 8)")
     p.add_argument("--workloads", help="built-in: comma-separated W1 (BART), W2 (batch growth), W3 (Whisper "
-                   "tiny.en), W4 (GPT-2) (unset: all)")  # fmt: skip
+                   "tiny.en), W4 (GPT-2), W5, W6 (varied lengths: Whisper, BART) (unset: all)")  # fmt: skip
     p.add_argument("--profile", choices=("full", "smoke"),
                    help="built-in: full measures; smoke runs the harness on tiny models (unset: full)")  # fmt: skip
     p.add_argument("--work", type=Path, help="checkpoints and bundles made for the bench, reused (unset: "
@@ -304,14 +331,22 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--task", choices=("transcribe", "translate"), help=f"multilingual Whisper ({UNSET})")
 
 
-def _add_serving_arguments(p: argparse.ArgumentParser) -> None:
+def _add_serving_arguments(p: argparse.ArgumentParser, instances_help: str) -> None:
     p.add_argument("--model-name", help="Triton model name (unset: the bundle directory's name)")
     p.add_argument("--max-batch-size", type=int, default=8, help="most inputs per model call")
     p.add_argument("--max-queue-delay-us", type=int, default=5000,
                    help="how long a request waits for others to batch with, in µs")  # fmt: skip
     p.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction, default=True,
                    help="batch requests that arrive together (--no-dynamic-batching: each on its own)")  # fmt: skip
-    p.add_argument("--instances", type=int, default=1, help="model instances sharing the loaded bundle")
+    p.add_argument("--instances", type=int, help=instances_help)
+    p.add_argument("--batching", choices=("inflight", "group"), default="inflight",
+                   help="inflight: requests join the running batch at step boundaries and leave it when "
+                   "their search ends; group: one generate call per group of equal parameters in a model call, "
+                   "answered when its longest input ends")  # fmt: skip
+    p.add_argument("--max-batch", type=int, metavar="N", help="most inputs in flight in the running batch (unset: as "
+                   "memory allows)")  # fmt: skip
+    p.add_argument("--max-rows", type=int, metavar="N", help="most decoder rows (inputs x beams) in flight (unset: "
+                   "as memory allows)")  # fmt: skip
     g = p.add_argument_group("request limits (a request over one is refused: HTTP 400, naming the flag)")
     g.add_argument("--max-num-beams", type=int, help="largest num_beams and num_return_sequences (default 16)")
     g.add_argument("--max-new-tokens-limit", type=int, help="largest max_new_tokens (default 512)")
@@ -331,7 +366,8 @@ def serve_config(args: argparse.Namespace):
             "max_text_bytes": args.max_text_bytes}  # fmt: skip
     return ServeConfig(
         model_name=name, max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-        dynamic_batching=args.dynamic_batching, instances=args.instances,
+        dynamic_batching=args.dynamic_batching, instances=args.instances, batching=args.batching,
+        max_batch=args.max_batch, max_rows=args.max_rows,
         caps=RequestCaps(**{k: v for k, v in caps.items() if v is not None}), **ports,
     )  # fmt: skip
 
@@ -385,8 +421,8 @@ def _generate(args) -> int:
         JobOutput,
         Record,
         check_inputs,
-        generate_batches,
         generate_file,
+        generate_records,
         read_records,
         record_json,
     )
@@ -399,6 +435,9 @@ def _generate(args) -> int:
         raise InvalidArgumentError("--output streams an --input-file; give the inputs in a file, not as arguments")
     if args.memory_limit is not None and args.memory_limit <= 0:
         raise InvalidArgumentError("--memory-limit must be a positive number of GiB")
+    for flag in ("max_batch", "max_rows"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise InvalidArgumentError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     kwargs = {**generation_kwargs(args), "truncation": args.truncation}
     if args.output is not None:
         with JobOutput(args.output, inputs=args.input_file) as output:  # checked and locked before the bundle loads
@@ -414,13 +453,23 @@ def _generate(args) -> int:
         records = read_records(args.input_file)
     else:
         records = (Record(i, i, text) for i, text in enumerate(args.text, start=1))
-    for results in generate_batches(generator, records, args.batch_size, **kwargs):
-        for record, outputs in results:
+    ready, order = {}, []  # printed in input order, as soon as every earlier record is
+    for results in generate_records(generator, _noting(records, order), args.batch_size, **kwargs):
+        ready.update((record.line, (record, outputs)) for record, outputs in results)
+        while order and order[0] in ready:
+            record, outputs = ready.pop(order.pop(0))
             if args.json:
                 print(json.dumps(record_json(record, outputs)), flush=True)
             else:
                 print("\n".join(output["text"] for output in outputs), flush=True)
     return 0
+
+
+def _noting(records, order: list):
+    """The records, each one's line appended to `order` as it is read."""
+    for record in records:
+        order.append(record.line)
+        yield record
 
 
 def _load_generator(args):
@@ -429,6 +478,7 @@ def _load_generator(args):
     generator = el_export.load(args.bundle, backend=args.backend)
     if args.memory_limit is not None:
         generator.memory_limit = int(args.memory_limit * 2**30)
+    generator.max_batch, generator.max_rows, generator.batching = args.max_batch, args.max_rows, args.batching
     return generator
 
 
@@ -609,7 +659,7 @@ def _bench(args) -> int:
         if given := _given_flags(args, "reference", "input_file", "num_beams", "max_new_tokens", "batch_size"):
             raise InvalidArgumentError(f"{', '.join(given)} only apply to a BUNDLE; give one, or drop them")
         profile = bench.PROFILES[args.profile or "full"]
-        workloads = [w.strip() for w in (args.workloads or "W1,W3,W4,W2").split(",") if w.strip()]
+        workloads = [w.strip() for w in (args.workloads or "W1,W3,W4,W5,W6,W2").split(",") if w.strip()]
         unknown = [w for w in workloads if w not in profile.workloads and w != "W2"]
         if unknown or not workloads:
             known = ", ".join(sorted([*profile.workloads, "W2"]))

@@ -70,14 +70,16 @@ def cli_bundle(checkpoint, tmp_path_factory):
 
 @pytest.fixture
 def generated(monkeypatch) -> list[dict]:
-    """The kwargs of every Generator.generate call of this test (each then runs as usual): empty means nothing ran."""
+    """The keyword arguments of every generate call of this test (`Generator.request`, which `generate`,
+    `generate_each`, the job and the server make each call with; each then runs as usual): empty means nothing
+    ran."""
     from el_export.runtime.generator import Generator
 
-    calls, original = [], Generator.generate
+    calls, original = [], Generator.request
 
     def spy(self, *args, **kwargs):
         calls.append(kwargs)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Generator, "generate", spy)
+    monkeypatch.setattr(Generator, "request", spy)
     return calls

@@ -72,8 +72,11 @@ def _under(name: str, *packages: str) -> bool:
 # (folder, what it must never import, the files exempt and why)
 RULES = [
     ("contract", None, {}),  # only errors and contract itself: checked below
-    ("runtime", ("el_export.export", "el_export.model", "el_export.families", "el_export.evaluation"),
-     {"torch.py": "the PyTorch backend builds modules from a checkpoint: the stated exception"}),
+    (
+        "runtime",
+        ("el_export.export", "el_export.model", "el_export.families", "el_export.evaluation"),
+        {"torch.py": "the PyTorch backend builds modules from a checkpoint: the stated exception"},
+    ),
     ("search", ("el_export.export", "el_export.model", "el_export.families", "el_export.runtime"), {}),
     ("model", ("el_export.export", "el_export.runtime", "el_export.families", "el_export.serving"), {}),
     ("trt", ("el_export.families", "el_export.model", "el_export.export"), {}),

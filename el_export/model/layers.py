@@ -82,11 +82,12 @@ def _attention(spec: LayerSpec) -> MultiHeadAttention:
 
 
 def el_bias(bias: torch.Tensor | None, n_heads: int) -> torch.Tensor | None:
-    """[h or 1, T, R] -> [T*h, R]: the row order of expanded queries (T outer, heads inner)."""
+    """Per-row bias [N or 1, h or 1, T, R] -> [N or 1, T*h, R]: the row order of expanded queries (T outer, heads
+    inner). Rows differ when they joined a running batch at different steps (their own masks)."""
     if bias is None:
         return None
-    _, T, R = bias.shape
-    return bias.expand(n_heads, T, R).transpose(0, 1).reshape(T * n_heads, R)
+    N, _, T, R = bias.shape
+    return bias.expand(N, n_heads, T, R).transpose(1, 2).reshape(N, T * n_heads, R)
 
 
 class _Residual(nn.Module):
@@ -151,7 +152,7 @@ class DecoderLayer(_Residual):
 
         x [N, T, d]. `extend` takes this step's cache rows a [N, T, d] (the self-attention input,
         cached instead of K and V) and returns every per-row key row, [N, R, d]; self_bias
-        [h or 1, T, R]. memory [B, S, d] is the encoder output, read once per input by its k = N/B
+        [N or 1, h or 1, T, R]. memory [B, S, d] is the encoder output, read once per input by its k = N/B
         rows (memory_bias [B, 1, S]); `shared` [B, P, d] is a decoder-only prompt's self-attention
         input, attended to with the per-row keys under one softmax (shared_bias [B, 1, P]).
         Returns x [N, T, d].

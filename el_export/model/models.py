@@ -5,9 +5,16 @@ families map weights with a rename at most. Every decoder step runs in either mo
 (EL-attention: caches each layer's input, reads the encoder output, or a decoder-only prompt, once
 per input) or `kv` (the HF/Optimum baseline: per-row K/V caches).
 
-Decoder steps come in two cache layouts. Growing: the step takes the past cache and returns it
-with this step's rows appended (the exported graphs). Static: the step writes its rows in place
-into a preallocated cache at `position` and masks the keys past it (fixed shapes, for CUDA graphs).
+Every step takes a per-row mask over its self-attention cache (1 on real tokens, 0 on padding), so
+that rows which joined a running batch at different steps run in one call: a row's padding sits on
+the LEFT of its real entries, which keeps the index distance between them (T5's relative bias) its
+own. Encoder-decoder steps derive each row's position from its mask; decoder-only steps take them.
+
+Decoder steps come in two cache layouts. Growing: the step takes the past cache and its mask
+(`past_mask` [N, t]) and returns the cache with this step's rows appended (the exported graphs).
+Static: the step writes its rows in place into a preallocated cache of capacity C at the shared
+index `position`, attends to the slots its key mask [N, C] marks, and embeds the given per-row
+positions (fixed shapes, for CUDA graphs).
 """
 
 from dataclasses import dataclass
@@ -131,21 +138,17 @@ class Decoder(Stack):
         super().__init__(spec, spec.decoder, spec.decoder_layers, spec.vocab_size, bidirectional=False)
         self.layers = nn.ModuleList(DecoderLayer(spec.decoder) for _ in range(spec.decoder_layers))
 
-    def self_bias(self, T: int, start, key_length, like: torch.Tensor) -> torch.Tensor | None:
-        """Self-attention bias [h or 1, T, R] for T tokens from position `start` over R keys.
+    def self_bias(self, key_mask: torch.Tensor, query_index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Self-attention bias [N, h or 1, T, R] of T new tokens at cache indices `query_index` [T] over R keys.
 
-        Growing caches: R = start + T and only a causal mask (T > 1) and position bias apply.
-        Static caches (T = 1, `start` a tensor): keys past `start` are unfilled and masked.
+        key_mask [N, R]: 1 where a cache entry is a real token (the new tokens' included), 0 on padding and unfilled
+        slots; the new tokens are causal among themselves. A relative position bias is taken over cache indices.
         """
-        queries = torch.arange(T, device=like.device) + start  # [T]
-        bias = None
-        if T > 1 or isinstance(start, torch.Tensor):
-            keys = torch.arange(key_length, device=like.device)
-            bias = additive_mask(keys[None, :] <= queries[:, None], like.dtype)[None]  # [1, T, R]
-        relative = self.position_bias(queries, key_length)
-        if relative is not None:
-            bias = relative.to(like.dtype) if bias is None else bias + relative
-        return bias
+        keys = torch.arange(key_mask.shape[1], device=like.device)
+        allowed = (keys[None, :] <= query_index[:, None])[None] & (key_mask[:, None, :] != 0)  # [N, T, R]
+        bias = additive_mask(allowed, like.dtype)[:, None]  # [N, 1, T, R]
+        relative = self.position_bias(query_index, key_mask.shape[1])
+        return bias if relative is None else bias + relative.to(like.dtype)
 
 
 class _LM(nn.Module):
@@ -169,6 +172,11 @@ class _LM(nn.Module):
             logits = logits + self.final_logits_bias
         return logits.float()
 
+    def growing_self_bias(self, past_mask: torch.Tensor, T: int, like: torch.Tensor) -> torch.Tensor:
+        """Self-attention bias [N, h or 1, T, t+T] of T new tokens after a growing cache masked by past_mask [N, t]."""
+        query_index = torch.arange(T, device=like.device) + past_mask.shape[1]  # [T]
+        return self.decoder.self_bias(with_new_tokens(past_mask, T), query_index, like)
+
     def _run_el(self, x, extend, self_bias, memory=None, memory_bias=None, shared=None, shared_bias=None):
         """shared: [L, B, P, d], a decoder-only prompt's per-layer self-attention inputs."""
         for i, layer in enumerate(self.decoder.layers):
@@ -182,6 +190,19 @@ class _LM(nn.Module):
             cross = (cross_kv[2 * i], cross_kv[2 * i + 1]) if cross_kv is not None else (None, None)
             x = layer.forward_kv(x, extend(i), self_bias, *cross, memory_bias)
         return self.logits(x)
+
+
+def with_new_tokens(past_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """[N, t] cache mask -> [N, t+T]: T new tokens, each a real entry (a token always attends to itself)."""
+    new = torch.ones(past_mask.shape[0], T, dtype=past_mask.dtype, device=past_mask.device)
+    return torch.cat([past_mask, new], dim=1)
+
+
+def next_positions(past_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """[N, t] cache mask -> positions [N, T] of T new tokens: each row counts its own real entries."""
+    # sum in float32 (exact below 2^24 tokens): TensorRT's ReduceSum takes no int64
+    start = past_mask.float().sum(dim=1, keepdim=True).long()  # [N, 1]
+    return start + torch.arange(T, device=past_mask.device)
 
 
 def _growing_el(past_hidden: list, present: list):
@@ -247,45 +268,54 @@ class Seq2SeqLM(_LM):
         """kv mode: every layer's cross K/V of the encoder output. [B, S, d] -> [K_0, V_0, ...] [B, h, S, dh]"""
         return [t for layer in self.decoder.layers for t in layer.encoder_attn.keys_values(memory)]
 
-    def _start(self, input_ids, start, key_length):
-        """Embeddings of T new tokens from position `start`, and their self-attention bias over R keys."""
-        T = input_ids.shape[1]
-        x = self.decoder.embed(input_ids, torch.arange(T, device=input_ids.device) + start)
-        return x, self.decoder.self_bias(T, start, key_length, x)
+    def _growing_start(self, input_ids, past_mask):
+        """Embeddings [N, T, d] of T new tokens after a growing cache masked by past_mask [N, t] (each row at its
+        own positions), and their self-attention bias."""
+        x = self.decoder.embed(input_ids, next_positions(past_mask, input_ids.shape[1]))
+        return x, self.growing_self_bias(past_mask, input_ids.shape[1], x)
 
-    def step_el(self, input_ids, memory, memory_mask, past_hidden):
+    def _static_start(self, input_ids, key_mask, position, positions):
+        """Embeddings of one new token per row at `positions` [N, 1], written at cache index `position` [1], and
+        its self-attention bias over the slots key_mask [N, C] marks (this step's slot included)."""
+        x = self.decoder.embed(input_ids, positions)
+        return x, self.decoder.self_bias(key_mask, position, x)
+
+    def step_el(self, input_ids, memory, memory_mask, past_mask, past_hidden):
         """EL decoder step.
 
-        input_ids [N, T]; memory [B, S, d] (one copy per input, N = B*k); memory_mask [B, S];
+        input_ids [N, T]; memory [B, S, d] (one copy per input, N = B*k); memory_mask [B, S]; past_mask [N, t];
         past_hidden: per layer [N, t, d] -> (logits [N, V], present_hidden: per layer [N, t+T, d]).
         """
-        t, present = past_hidden[0].shape[1], []
-        x, self_bias = self._start(input_ids, t, t + input_ids.shape[1])
+        present = []
+        x, self_bias = self._growing_start(input_ids, past_mask)
         memory_bias = additive_mask(memory_mask, x.dtype)[:, None, :]  # [B, 1, S]
         logits = self._run_el(x, _growing_el(past_hidden, present), self_bias, memory=memory, memory_bias=memory_bias)
         return logits, present
 
-    def step_el_static(self, input_ids, memory, memory_mask, cache, position):
-        """EL step over a preallocated cache [L, N, C, d] written at `position` (int64 [1]) -> logits [N, V]."""
-        x, self_bias = self._start(input_ids, position, cache.shape[2])
+    def step_el_static(self, input_ids, memory, memory_mask, cache, position, key_mask, positions):
+        """EL step over a preallocated cache [L, N, C, d] written at `position` (int64 [1]); key_mask [N, C],
+        positions [N, 1] -> logits [N, V]."""
+        x, self_bias = self._static_start(input_ids, key_mask, position, positions)
         memory_bias = additive_mask(memory_mask, x.dtype)[:, None, :]
         return self._run_el(x, _static_el(cache, position), self_bias, memory=memory, memory_bias=memory_bias)
 
-    def step_kv(self, input_ids, cross_kv, memory_mask, past_kv):
+    def step_kv(self, input_ids, cross_kv, memory_mask, past_mask, past_kv):
         """Standard (HF/Optimum) decoder step.
 
         input_ids [N, T]; cross_kv [K_0, V_0, ...] each [N, h, S, dh] (repeated per row); memory_mask [N, S];
-        past_kv [K_0, V_0, ...] each [N, h, t, dh] -> (logits [N, V], present_kv: each [N, h, t+T, dh]).
+        past_mask [N, t]; past_kv [K_0, V_0, ...] each [N, h, t, dh] -> (logits [N, V], present_kv: each
+        [N, h, t+T, dh]).
         """
-        t, present = past_kv[0].shape[2], []
-        x, self_bias = self._start(input_ids, t, t + input_ids.shape[1])
+        present = []
+        x, self_bias = self._growing_start(input_ids, past_mask)
         memory_bias = additive_mask(memory_mask, x.dtype)[:, None, None, :]  # [N, 1, 1, S]
         logits = self._run_kv(x, _growing_kv(past_kv, present), self_bias, cross_kv, memory_bias)
         return logits, present
 
-    def step_kv_static(self, input_ids, cross_kv, memory_mask, cache, position):
-        """Standard step over a preallocated K/V cache [L, 2, N, h, C, dh] written at `position`."""
-        x, self_bias = self._start(input_ids, position, cache.shape[4])
+    def step_kv_static(self, input_ids, cross_kv, memory_mask, cache, position, key_mask, positions):
+        """Standard step over a preallocated K/V cache [L, 2, N, h, C, dh] written at `position`; key_mask
+        [N, C], positions [N, 1]."""
+        x, self_bias = self._static_start(input_ids, key_mask, position, positions)
         memory_bias = additive_mask(memory_mask, x.dtype)[:, None, None, :]
         return self._run_kv(x, _static_kv(cache, position), self_bias, cross_kv, memory_bias)
 
@@ -341,22 +371,23 @@ class DecoderOnlyLM(_LM):
         logits = self._run_kv(x, extend, bias)
         return logits, present
 
-    def step_el(self, input_ids, position_ids, prompt_hidden, prompt_mask, past_hidden):
+    def step_el(self, input_ids, position_ids, prompt_hidden, prompt_mask, past_mask, past_hidden):
         """EL step. input_ids, position_ids [N, 1]; prompt_hidden: per layer [B, P, d] and prompt_mask [B, P]
-        (once per input); past_hidden: per layer [N, t, d] -> (logits [N, V], present_hidden: [N, t+1, d])."""
+        (once per input); past_mask [N, t]; past_hidden: per layer [N, t, d] -> (logits [N, V], present_hidden:
+        [N, t+1, d])."""
         present = []
         x = self.decoder.embed(input_ids, position_ids)
+        self_bias = self.growing_self_bias(past_mask, 1, x)  # [N, 1, 1, t+1]
         shared_bias = additive_mask(prompt_mask, x.dtype)[:, None, :]  # [B, 1, P]
-        logits = self._run_el(x, _growing_el(past_hidden, present), None, shared=prompt_hidden, shared_bias=shared_bias)
+        extend = _growing_el(past_hidden, present)
+        logits = self._run_el(x, extend, self_bias, shared=prompt_hidden, shared_bias=shared_bias)
         return logits, present
 
-    def step_kv(self, input_ids, position_ids, prompt_mask, past_kv):
-        """K/V step. prompt_mask [N, P]; past_kv [K_0, V_0, ...] each [N, h, P+t, dh] (the prompt's K/V per row,
-        then the generated tokens') -> (logits [N, V], present_kv: each [N, h, P+t+1, dh])."""
+    def step_kv(self, input_ids, position_ids, past_mask, past_kv):
+        """K/V step. past_mask [N, P+t] and past_kv [K_0, V_0, ...] each [N, h, P+t, dh]: the prompt's K/V per
+        row, then the generated tokens' -> (logits [N, V], present_kv: each [N, h, P+t+1, dh])."""
         present = []
         x = self.decoder.embed(input_ids, position_ids)
-        R = past_kv[0].shape[2] + 1
-        attended = torch.ones(prompt_mask.shape[0], R - prompt_mask.shape[1], dtype=prompt_mask.dtype, device=x.device)
-        bias = additive_mask(torch.cat([prompt_mask, attended], dim=1), x.dtype)[:, None, None, :]  # [N, 1, 1, R]
-        logits = self._run_kv(x, _growing_kv(past_kv, present), bias)
+        self_bias = self.growing_self_bias(past_mask, 1, x)  # [N, 1, 1, P+t+1]
+        logits = self._run_kv(x, _growing_kv(past_kv, present), self_bias)
         return logits, present

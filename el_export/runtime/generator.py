@@ -13,8 +13,9 @@ from el_export.contract.files import read_file, read_manifest
 from el_export.contract.manifest import Manifest
 from el_export.errors import BundleError, InputError, InvalidArgumentError, ResourceError, first_line
 from el_export.runtime import make_backend, memory, speech
+from el_export.runtime.scheduler import Admission, Request, Scheduler
 from el_export.runtime.tokenizer import Tokenizer
-from el_export.search import SearchOutput, concat_outputs, generate_ids, resolve_options
+from el_export.search import SearchOutput, resolve_options
 from el_export.search.options import merge_generation_config
 from el_export.search.search import check_streamer
 
@@ -29,6 +30,7 @@ class _Call:
     defaults: dict
     kwargs: dict
     streamer: Any
+    on_input: Any = None
 
 
 def _longest(attention_mask: torch.Tensor | None) -> int:
@@ -48,6 +50,11 @@ class Generator:
         # Bytes the decoder state of one call may take; batches that need more run in chunks that fit.
         # None: what the device reports available (see `memory.py`).
         self.memory_limit: int | None = None
+        # Inputs and decoder rows in flight at most (None: as memory allows), and "continuous" (inputs join and
+        # leave the running batch at step boundaries) or "static" (each batch runs until its longest member ends).
+        self.max_batch: int | None = None
+        self.max_rows: int | None = None
+        self.batching = "continuous"
 
     @classmethod
     def from_bundle(
@@ -133,15 +140,47 @@ class Generator:
             ResourceError: one input's encoder activations or decoder state cannot fit in memory, even alone (or,
                 with output_scores or a streamer, the whole batch at once).
         """
-        call = _Call(merge_generation_config(self._defaults(), generation_config), kwargs, streamer)
+        with self.backend.generating():
+            request = self.request(
+                input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                input_features=input_features, audio=audio, language=language, task=task,
+                sampling_rate=sampling_rate, generation_config=generation_config, streamer=streamer, **kwargs,
+            )  # fmt: skip
+            return self._run([request])[0]
+
+    def generate_each(self, calls: list[dict]) -> list[SearchOutput]:
+        """Several `generate` calls through one running batch: each dict holds one call's arguments (inputs and
+        generation kwargs, which may differ between calls), and each result equals `generate(**call)` alone.
+        Inputs join the batch as memory allows and leave it when their search ends.
+
+        Raises:
+            as `generate`, for the first call that fails; nothing runs if any call's arguments are invalid.
+        """
+        with self.backend.generating():
+            return self._run([self.request(**call) for call in calls])
+
+    def request(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        decoder_input_ids=None,
+        input_features=None,
+        audio=None,
+        language: str | None = None,
+        task: str | None = None,
+        sampling_rate: int | None = None,
+        generation_config=None,
+        streamer=None,
+        on_input=None,
+        **kwargs,
+    ) -> Request:
+        """A `generate` call's inputs, checked and ready for a `Scheduler` (see `scheduler`); nothing runs yet.
+        `on_input(index, output)` is called as each input is answered. Arguments and errors as `generate`."""
+        call = _Call(merge_generation_config(self._defaults(), generation_config), kwargs, streamer, on_input)
         speech_inputs = dict(input_features=input_features, audio=audio, sampling_rate=sampling_rate,
                              language=language, task=task)  # fmt: skip
-        with self.backend.generating():
-            return self._generate(input_ids, attention_mask, decoder_input_ids, speech_inputs, call)
-
-    def _generate(self, input_ids, attention_mask, decoder_input_ids, speech_inputs: dict, call: _Call):
         if self.manifest.audio:
-            return self._generate_speech(call, **speech_inputs)
+            return self._speech_request(call, **speech_inputs)
         if any(value is not None for value in speech_inputs.values()):
             raise InvalidArgumentError(f"{', '.join(speech_inputs)} are for speech models")
         input_ids, attention_mask = self._check_source(input_ids, attention_mask)
@@ -150,7 +189,7 @@ class Generator:
                 raise InvalidArgumentError(
                     "decoder_input_ids is for encoder-decoder models; put the prompt in input_ids"
                 )
-            return self._generate_decoder_only(input_ids, attention_mask, call)
+            return self._decoder_only_request(input_ids, attention_mask, call)
         B = input_ids.shape[0]
         defaults = call.defaults
         start = call.kwargs.get(
@@ -161,15 +200,53 @@ class Generator:
         prompt = self._decoder_prompt(decoder_input_ids, B, start)
         options = self._options(call, prompt.shape[1], True)
         device = self.backend.device
+        S, longest = input_ids.shape[1], _longest(attention_mask)
 
-        def run(rows: slice, encoder_chunk: int) -> SearchOutput:
-            mask = attention_mask[rows].to(device)
-            feeds = {"input_ids": input_ids[rows].to(device), "attention_mask": mask}
-            encoded = self._run_chunked("encoder", feeds, encoder_chunk)
+        def prepare(first: int, stop: int) -> Admission:
+            mask = attention_mask[first:stop].to(device)
+            feeds = {"input_ids": input_ids[first:stop].to(device), "attention_mask": mask}
+            encoded = self._run_chunked("encoder", feeds, self._inputs_per_encoder_call(stop - first, S, longest))
             decoder = self.backend.make_decoder({**encoded, "encoder_mask": mask})
-            return generate_ids(decoder, prompt[rows].to(device), options, streamer=call.streamer)
+            return Admission(decoder, prompt[first:stop].to(device), options)
 
-        return self._in_chunks(B, options, call.streamer, input_ids.shape[1], run, _longest(attention_mask))
+        return self._make_request(B, options, call, S, prepare, longest)
+
+    def scheduler(self) -> Scheduler:
+        """A scheduler over this generator's memory budget (`memory_limit`, or what the device has free) and caps
+        (`max_batch` inputs, `max_rows` decoder rows in flight); `batching = "static"` makes it the static
+        baseline."""
+        budget, _ = memory.budget_bytes(self.memory_limit, self.backend.device)
+        return Scheduler(budget, self.max_batch, self.max_rows, static=self.batching == "static")
+
+    def _run(self, requests: list[Request]) -> list[SearchOutput]:
+        scheduler = self.scheduler()
+        for request in requests:
+            scheduler.submit(request)
+        scheduler.run()
+        return [request.result() for request in requests]
+
+    def _make_request(self, batch: int, options, call: _Call, source_len: int, prepare, longest: int = 0) -> Request:
+        """A request over `batch` inputs whose decoder state, and encoder (or prefill) activations, fit one input at
+        a time at least; a request that must run whole (output_scores, a streamer) must fit whole. Both are
+        checked, and the streamer too, before any graph runs; `longest` is the input a refusal names."""
+        check_streamer(call.streamer, options)
+        rows_per_input = max(options.num_beams, options.num_return_sequences)
+        per_input = memory.bytes_per_input(self.manifest, rows_per_input, source_len, options.max_length)
+        chunk = memory.inputs_per_chunk(batch, per_input, self.memory_limit, self.backend.device)
+        self._inputs_per_encoder_call(1, source_len, longest)  # refuses an input whose activations cannot fit
+        if chunk < batch and (options.output_scores or call.streamer is not None):
+            joined = "output_scores cannot be joined" if options.output_scores else "a streamer cannot be fed in parts"
+            raise ResourceError(
+                f"{batch} inputs do not fit in memory at once ({chunk} do) and {joined} across chunks; pass fewer "
+                "inputs per call"
+            )
+        k = options.num_beams if options.num_beams > 1 else options.num_return_sequences
+        request = Request(batch, k, per_input, prepare, options, call.streamer, call.on_input)
+        if options.output_scores or call.streamer is not None:
+            request.piece = batch
+        elif options.do_sample:  # each piece draws from its own seeded generator: pieces sized by memory alone
+            request.piece = chunk
+        return request
 
     def _decoder_prompt(self, decoder_input_ids, batch: int, start) -> torch.Tensor:
         """int64 [B, P]: decoder_start_token_id, then decoder_input_ids unless they already start with it. The ids
@@ -191,7 +268,7 @@ class Generator:
             raise InputError(f"decoder_input_ids holds ids outside the decoder's vocabulary [0, {vocab})")
         return given if (given[:, 0] == start).all() else torch.cat([prompt, given], dim=1)
 
-    def _generate_speech(self, call: _Call, input_features, audio, sampling_rate, language, task) -> SearchOutput:
+    def _speech_request(self, call: _Call, input_features, audio, sampling_rate, language, task) -> Request:
         """Whisper, short-form: the encoder over 30 s of features, then the decoder from HF's prompt."""
         features = speech.features(self.manifest, self.mel_filters, input_features, audio, sampling_rate)
         defaults = call.defaults
@@ -199,8 +276,9 @@ class Generator:
         frames = self.manifest.graphs["encoder"].output("encoder_hidden").shape[1]
         longest_prompt = 4  # [sot, language, task, no_timestamps]: for the memory estimate
 
-        def run(rows: slice, encoder_chunk: int) -> SearchOutput:
-            encoded = self._run_chunked("encoder", {"input_features": features[rows].to(device)}, encoder_chunk)
+        def prepare(first: int, stop: int) -> Admission:
+            chunk = self._inputs_per_encoder_call(stop - first, frames, 0)
+            encoded = self._run_chunked("encoder", {"input_features": features[first:stop].to(device)}, chunk)
             B, S = encoded["encoder_hidden"].shape[:2]
             context = {**encoded, "encoder_mask": torch.ones(B, S, dtype=torch.int64, device=device)}
             sot = torch.full((B, 1), defaults["decoder_start_token_id"], device=device)
@@ -208,50 +286,30 @@ class Generator:
                 defaults, B, language, task, detect=lambda: self.backend.make_decoder(context).start(sot, 1)
             )
             options = self._options(call, prompt.shape[1], True)
-            return generate_ids(self.backend.make_decoder(context), prompt.to(device), options, streamer=call.streamer)
+            return Admission(self.backend.make_decoder(context), prompt.to(device), options)
 
         estimate = self._options(call, longest_prompt, True)
-        return self._in_chunks(features.shape[0], estimate, call.streamer, frames, run)
-
-    def _in_chunks(self, batch: int, options, streamer, source_len: int, run, longest: int = 0) -> SearchOutput:
-        """Run `run(rows, encoder_chunk)` over chunks of inputs whose decoder state fits in memory, each encoded
-        (or prefilled) `encoder_chunk` inputs at a time so that the activations fit too (see `memory.py`). Both are
-        checked, and the streamer too, before any graph runs; `longest` is the input a refusal names."""
-        check_streamer(streamer, options)
-        rows_per_input = max(options.num_beams, options.num_return_sequences)
-        per_input = memory.bytes_per_input(self.manifest, rows_per_input, source_len, options.max_length)
-        chunk = memory.inputs_per_chunk(batch, per_input, self.memory_limit, self.backend.device)
-        encoder_chunk = self._inputs_per_encoder_call(chunk, source_len, longest)
-        if chunk >= batch:
-            return run(slice(0, batch), encoder_chunk)
-        if options.output_scores or streamer is not None:
-            joined = "output_scores cannot be joined" if options.output_scores else "a streamer cannot be fed in parts"
-            raise ResourceError(
-                f"{batch} inputs do not fit in memory at once ({chunk} do) and {joined} across chunks; pass fewer "
-                "inputs per call"
-            )
-        return concat_outputs([run(slice(i, i + chunk), encoder_chunk) for i in range(0, batch, chunk)], options)
+        return self._make_request(features.shape[0], estimate, call, frames, prepare)
 
     def _defaults(self) -> dict:
         defaults = {**self.manifest.special_tokens, **self.manifest.generation_defaults}
         return {k: v for k, v in defaults.items() if v is not None}
 
-    def _generate_decoder_only(self, input_ids, attention_mask, call: _Call) -> SearchOutput:
+    def _decoder_only_request(self, input_ids, attention_mask, call: _Call) -> Request:
         """The prompt runs once (prefill); sequences include it, as HF returns them."""
         options = self._options(call, input_ids.shape[1], False)
         device = self.backend.device
+        P, longest = input_ids.shape[1], _longest(attention_mask)
 
-        def run(rows: slice, prefill_chunk: int) -> SearchOutput:
-            ids, mask = input_ids[rows].to(device), attention_mask[rows].to(device)
-            prefill = self._run_chunked("prefill", {"input_ids": ids, "attention_mask": mask}, prefill_chunk)
+        def prepare(first: int, stop: int) -> Admission:
+            ids, mask = input_ids[first:stop].to(device), attention_mask[first:stop].to(device)
+            chunk = self._inputs_per_encoder_call(stop - first, P, longest)
+            prefill = self._run_chunked("prefill", {"input_ids": ids, "attention_mask": mask}, chunk)
             next_position = mask.sum(dim=1, keepdim=True)  # HF: positions count attended tokens
             context = {**prefill, "prompt_mask": mask, "position_ids": next_position}
-            return generate_ids(self.backend.make_decoder(context), ids, options, prompt_mask=mask,
-                                streamer=call.streamer)  # fmt: skip
+            return Admission(self.backend.make_decoder(context), ids, options, prompt_mask=mask)
 
-        return self._in_chunks(
-            input_ids.shape[0], options, call.streamer, input_ids.shape[1], run, _longest(attention_mask)
-        )
+        return self._make_request(input_ids.shape[0], options, call, P, prepare, longest)
 
     def _options(self, call: _Call, prompt_length: int, is_encoder_decoder: bool):
         options = resolve_options(

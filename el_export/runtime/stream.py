@@ -137,33 +137,65 @@ def check_inputs(path: Path, generator, truncation: bool = False, written: dict[
     return len(lines)
 
 
-def generate_batches(
+def generate_records(
     generator, records: Iterable[Record], batch_size: int, **kwargs
 ) -> Iterator[list[tuple[Record, list[dict]]]]:
-    """(record, its outputs) for each batch of `batch_size` records: one generate call per batch."""
+    """(record, its outputs) of the records answered at each step, in the order they finish: every record goes
+    through one running batch (see `runtime/scheduler.py`), read `batch_size` at a time (each such group tokenized
+    and encoded together, in pieces as memory frees up), the next group read while the last is still decoding."""
+    truncation = kwargs.pop("truncation", False)
     records = iter(records)
-    while batch := list(itertools.islice(records, batch_size)):
-        outputs = generate_outputs(generator, [r.text for r in batch], **kwargs)
-        per_input = len(outputs) // len(batch)
-        yield [(r, outputs[i * per_input : (i + 1) * per_input]) for i, r in enumerate(batch)]
+    scheduler = generator.scheduler()
+    answered: list[tuple[Record, list[dict]]] = []
+    in_flight = []
+    with generator.backend.generating():
+        while True:
+            waiting = any(request.admitted < request.count for request in in_flight)  # keep one group waiting
+            if not waiting and (batch := list(itertools.islice(records, batch_size))):
+                in_flight.append(_submit(generator, scheduler, batch, answered, truncation, kwargs))
+            if not scheduler.busy:
+                break
+            scheduler.step()
+            for request in in_flight:
+                if request.error is not None:
+                    raise request.error
+            in_flight = [request for request in in_flight if not request.done]
+            if answered:  # the requests' callbacks append to this very list
+                yield list(answered)
+                answered.clear()
 
 
-def generate_outputs(generator, texts: list[str], truncation: bool = False, **kwargs) -> list[dict]:
-    """`Generator.generate_text` that keeps the ids and scores: one {"text", "token_ids", "score"} per sequence,
-    those of one input adjacent. token_ids are the sequence as generate returns it (decoder-only: the continuation)
-    up to its first end token, so they hold no padding from longer sequences in the batch; text is them decoded;
-    score is beam search's sequences_scores, None for greedy search and sampling."""
+def _submit(generator, scheduler, batch: list[Record], answered: list, truncation: bool, kwargs: dict):
+    """Submit one group of records; each record's outputs are appended to `answered` when its input ends."""
     if generator.tokenizer is None:
         raise InvalidArgumentError("this model has no tokenizer (none was exported); pass token ids to generate()")
     manifest, prompt = generator.manifest, 0
     if manifest.audio:  # audio paths in: nothing to truncate
-        out = generator.generate(audio=texts, **kwargs)
+        call = {"audio": [r.text for r in batch]}
     else:
-        input_ids, mask = generator.tokenizer.encode(texts, max_length=generator.max_source_positions,
+        input_ids, mask = generator.tokenizer.encode([r.text for r in batch], max_length=generator.max_source_positions,
                                                      truncation=truncation)  # fmt: skip
-        out = generator.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        call = {"input_ids": input_ids, "attention_mask": mask}
         if manifest.kind == "decoder-only":
             prompt = input_ids.shape[1]
+    R = kwargs.get("num_return_sequences", 1)
+
+    def on_input(first: int, out) -> None:  # one input, or (sampling) a cohort of inputs
+        outputs = output_dicts(generator, out, prompt, kwargs)
+        for i in range(len(outputs) // R):
+            answered.append((batch[first + i], outputs[i * R : (i + 1) * R]))
+
+    request = generator.request(**call, on_input=on_input, **kwargs)
+    scheduler.submit(request)
+    return request
+
+
+def output_dicts(generator, out, prompt: int, kwargs: dict) -> list[dict]:
+    """One {"text", "token_ids", "score"} per sequence of a `SearchOutput`. token_ids are the sequence as generate
+    returns it (decoder-only: the continuation, after the `prompt` columns) up to its first end token, so they hold
+    no padding; text is them decoded; score is beam search's sequences_scores, None for greedy search and
+    sampling."""
+    manifest = generator.manifest
     eos = kwargs.get("eos_token_id", manifest.generation_defaults.get("eos_token_id"))
     eos = manifest.special_tokens.get("eos_token_id") if eos is None else eos
     ends = {eos} if isinstance(eos, int) else set(eos or ())
@@ -359,7 +391,7 @@ def generate_file(
         generator: a loaded `Generator`.
         inputs: the input file.
         output: the open JSONL output (new, or resumed).
-        batch_size: inputs per search batch.
+        batch_size: inputs read, tokenized and encoded together (they join the running batch as memory allows).
         **kwargs: generation arguments (HF names, and `truncation`).
 
     Raises:
@@ -380,7 +412,7 @@ def generate_file(
     with _progress(total, enabled=progress) as bar:
         task = bar.add_task("generating", total=total, completed=len(done))
         todo = (r for r in read_records(inputs) if r.key not in done)
-        for results in generate_batches(generator, todo, batch_size, **kwargs):
+        for results in generate_records(generator, todo, batch_size, **kwargs):
             output.append(results)
             stats.written += len(results)
             bar.advance(task, len(results))
@@ -486,9 +518,14 @@ def _file_kind(mode: int) -> str:
 
 def _progress(total: int, enabled: bool):
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text("" if task.speed is None else f"{task.speed:.1f} inputs/s")
 
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn(),
         console=Console(stderr=True), disable=not enabled,
     )  # fmt: skip

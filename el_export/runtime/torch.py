@@ -5,6 +5,7 @@ what the bundle computes; the search code is the same as for every backend. Cach
 device; fp16 / bf16 by casting the modules (logits stay fp32, as in the graphs).
 """
 
+import weakref
 from dataclasses import replace
 
 import torch
@@ -14,6 +15,7 @@ from el_export.contract.dtypes import FLOAT_NAMES, torch_dtype
 from el_export.contract.manifest import Manifest
 from el_export.errors import BackendError, InvalidArgumentError
 from el_export.runtime.base import Backend
+from el_export.runtime.decoder import check_mergeable, merge_tensors
 
 
 class TorchBackend(Backend):
@@ -53,26 +55,32 @@ class TorchBackend(Backend):
 
 
 class CapturedStep:
-    """One decoder-step shape bucket captured as a CUDA graph, with the static buffers it reads and writes."""
+    """One decoder-step shape bucket captured as a CUDA graph, with the static buffers it reads and writes.
 
-    def __init__(self, step, ids, context, cache, position):
-        self.ids, self.context, self.cache, self.position = ids, context, cache, position
+    `owner` (a weak reference) is the decoder that last adopted the buffers: another decoder of the same shapes
+    takes them over (`StaticCacheDecoder._captured`), which first gives it copies of those it still holds.
+    """
+
+    def __init__(self, step, ids, context, state):
+        self.ids, self.context, self.state = ids, context, state
+        self.owner = lambda: None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():  # warm-up outside capture, as CUDA graphs need
             for _ in range(2):
-                step(ids, *context, cache, position)
+                step(ids, *context, *state)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = step(ids, *context, cache, position)
+            self.logits = step(ids, *context, *state)
 
 
 class StaticCacheDecoder:
-    """A `StepDecoder` over preallocated caches of capacity C, grown by doubling (a new shape bucket).
+    """A `RunningDecoder` over preallocated caches of capacity C, grown by doubling (a new shape bucket).
 
-    Each step writes its cache rows at position t in place and masks the keys past t, so the step's
-    shapes are fixed within a bucket (N rows, B inputs, S source, C capacity): what CUDA graphs need.
+    Each step writes its cache rows at the shared index t in place and attends to the slots its per-row key
+    mask [N, C] marks (rows that joined later have fewer), so the step's shapes are fixed within a bucket (N
+    rows, B inputs, S source, C capacity): what CUDA graphs need. The per-row positions [N, 1] advance by one.
     """
 
     CAPACITY = 32  # first bucket; doubled when the cache is full
@@ -82,30 +90,54 @@ class StaticCacheDecoder:
         self.graph = backend.graphs["decoder_step"]
         self.model, self.mode = self.graph.model, self.graph.mode
         self.context = context
+        self.k = 0
+
+    @property
+    def rows(self) -> int:
+        return self.key_mask.shape[0]
+
+    @property
+    def inputs(self) -> int:
+        return self.rows // self.k
 
     def start(self, prompt_ids: torch.Tensor, rows_per_input: int) -> torch.Tensor:
-        k = rows_per_input
+        k = self.k = rows_per_input
         device = self.backend.device
         specs = {spec.name: spec for spec in self.graph.inputs}
-        self.context_args = self.graph.args[1:-1]  # between input_ids and the caches: names, or lists of names
-        self.inputs = []  # the context tensors, flat, in that order (repeated per row where the graph says so)
-        for name in (n for arg in self.context_args for n in (arg if isinstance(arg, list) else [arg])):
-            tensor, shape = self.context[name], specs[name].shape
-            self.inputs.append(tensor.repeat_interleave(k, dim=shape.index("rows")) if "rows" in shape else tensor)
+        self.context_args = self.graph.args[1:-2]  # between input_ids and past_mask: names, or lists of names
+        names = [n for arg in self.context_args for n in (arg if isinstance(arg, list) else [arg])]
+        self.context_shapes = [specs[name].shape for name in names]
+        self.context_tensors = []  # flat, in that order (repeated per row where the graph says so)
+        for name, shape in zip(names, self.context_shapes, strict=True):
+            tensor = self.context[name]
+            per_row = "rows" in shape
+            self.context_tensors.append(tensor.repeat_interleave(k, dim=shape.index("rows")) if per_row else tensor)
+        self.context = {}  # the tensors above hold what is needed: dropped inputs are freed
         N, spec = prompt_ids.shape[0] * k, self.model.spec
         L, h, dh, d = spec.decoder_layers, spec.decoder.n_heads, spec.decoder.d_head, spec.d_model
         # one packed cache (torch indexes it without copies): [L, N, C, d] (el) or [L, 2, N, h, C, dh] (kv)
         self.cache_shape = [L, N, "past", d] if self.mode == "el" else [L, 2, N, h, "past", dh]
         self.time_axis, self.rows_axis = (2, 1) if self.mode == "el" else (4, 2)
-        self.cache = self._allocate(self.CAPACITY)
+        self.cache = self._allocate(self.CAPACITY, N)
+        self.key_mask = torch.zeros(N, self.CAPACITY, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(N, 1, dtype=torch.int64, device=device)
+        self.position = torch.zeros(1, dtype=torch.int64, device=device)  # the write index, t
         self.t = 0
         step = self.model.step_el_static if self.mode == "el" else self.model.step_kv_static
-        self.step_fn = lambda ids, *rest: step(ids, *self._structure(rest[:-2]), *rest[-2:])
-        self.position = torch.zeros(1, dtype=torch.int64, device=device)
+        n_context = len(names)
+        self.step_fn = lambda ids, *rest: step(ids, *self._structure(rest[:n_context]), *rest[n_context:])
         rows = prompt_ids.to(device).repeat_interleave(k, dim=0)
         for p in range(rows.shape[1]):
             logits = self.step(rows[:, p : p + 1])
         return logits
+
+    @property
+    def state(self) -> list[torch.Tensor]:
+        """What the step reads after its context, in its argument order."""
+        return [self.cache, self.position, self.key_mask, self.positions]
+
+    def _adopt(self, state: list[torch.Tensor]) -> None:
+        self.cache, self.position, self.key_mask, self.positions = state
 
     def _structure(self, flat) -> list:
         """Flat context tensors -> the step's context arguments (a tensor, or a list for per-layer K/V)."""
@@ -116,48 +148,97 @@ class StaticCacheDecoder:
             flat = flat[n:]
         return out
 
-    def _allocate(self, capacity: int) -> torch.Tensor:
+    def _allocate(self, capacity: int, rows: int) -> torch.Tensor:
         shape = [capacity if a == "past" else a for a in self.cache_shape]
+        shape[self.rows_axis] = rows
         dtype = next(self.model.parameters()).dtype
         return torch.zeros(shape, dtype=dtype, device=self.backend.device)
 
+    def _resized(self, capacity: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A cache and key mask of `capacity` slots whose first t hold this decoder's filled ones, right-aligned
+        (the padding before them is masked)."""
+        cache = self._allocate(capacity, self.rows)
+        key_mask = self.key_mask.new_zeros(self.rows, capacity)
+        cache.narrow(self.time_axis, t - self.t, self.t).copy_(self.cache.narrow(self.time_axis, 0, self.t))
+        key_mask[:, t - self.t : t] = self.key_mask[:, : self.t]
+        return cache, key_mask
+
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.t == self.cache.shape[self.time_axis]:  # full: the next bucket, twice as long
-            grown = self._allocate(2 * self.t)
-            grown.narrow(self.time_axis, 0, self.t).copy_(self.cache)
-            self.cache = grown
+            self.cache, self.key_mask = self._resized(2 * self.t, self.t)
+        if self.backend.cuda_graphs:
+            captured = self._captured()
+            captured.ids.copy_(input_ids)
         self.position.fill_(self.t)
+        self.key_mask[:, self.t] = 1  # the new token is real
         self.t += 1
-        if not self.backend.cuda_graphs:
+        if self.backend.cuda_graphs:
+            captured.graph.replay()
+            logits = captured.logits.clone()  # the next replay overwrites the static output
+        else:
             with torch.no_grad():
-                return self.step_fn(input_ids, *self.inputs, self.cache, self.position)
-        captured = self._captured()
-        captured.ids.copy_(input_ids)
-        captured.position.copy_(self.position)
-        captured.graph.replay()
-        return captured.logits.clone()  # the next replay overwrites the static output
+                logits = self.step_fn(input_ids, *self.context_tensors, *self.state)
+        self.positions.add_(1)
+        return logits
 
     def _captured(self) -> CapturedStep:
-        """The graph of this shape bucket; its buffers become this decoder's cache and context."""
-        key = (self.mode, tuple(self.cache.shape), *(tuple(t.shape) for t in self.inputs))
+        """The graph of this shape bucket; its buffers become this decoder's state and context."""
+        key = (self.mode, tuple(self.cache.shape), *(tuple(t.shape) for t in self.context_tensors))
         captured = self.backend.captured.get(key)
         if captured is None:
             if len(self.backend.captured) >= self.backend.MAX_CAPTURED:  # bound the graphs' memory
                 self.backend.captured.clear()
-            ids = torch.zeros(self.cache_shape[self.rows_axis], 1, dtype=torch.int64, device=self.backend.device)
-            context = [t.clone() for t in self.inputs]
-            captured = CapturedStep(self.step_fn, ids, context, self.cache.clone(), self.position.clone())
+            ids = torch.zeros(self.rows, 1, dtype=torch.int64, device=self.backend.device)
+            context = [t.clone() for t in self.context_tensors]
+            captured = CapturedStep(self.step_fn, ids, context, [t.clone() for t in self.state])
             self.backend.captured[key] = captured
-        if captured.cache is not self.cache:  # adopt the graph's buffers (once per bucket and call)
-            captured.cache.copy_(self.cache)
-            for static, tensor in zip(captured.context, self.inputs, strict=True):
+        if captured.state[0] is not self.cache:  # adopt the graph's buffers (once per bucket and call)
+            owner = captured.owner()
+            if owner is not None and owner is not self:
+                owner._detach(captured)
+            for static, tensor in zip([*captured.state, *captured.context], [*self.state, *self.context_tensors],
+                                      strict=True):  # fmt: skip
                 static.copy_(tensor)
-            self.cache, self.inputs = captured.cache, captured.context
+            self._adopt(captured.state)
+            self.context_tensors = captured.context
+            captured.owner = weakref.ref(self)
         return captured
 
-    def reorder(self, row_indices: torch.Tensor) -> None:
-        filled = self.cache.narrow(self.time_axis, 0, self.t)
-        filled.copy_(filled.index_select(self.rows_axis, row_indices.to(self.backend.device)))
+    def _detach(self, captured: CapturedStep) -> None:
+        """Private copies of the captured buffers this decoder still holds: another decoder takes them over."""
+        shared = {id(t) for t in [*captured.state, *captured.context]}
+        self._adopt([t.clone() if id(t) in shared else t for t in self.state])
+        self.context_tensors = [t.clone() if id(t) in shared else t for t in self.context_tensors]
+
+    def reorder(self, row_indices: torch.Tensor, input_indices: torch.Tensor | None = None) -> None:
+        """See `StepDecoder.reorder`. A beam reorder gathers the filled cache in place (the buffers stay those a
+        CUDA graph captured); dropping inputs makes new, smaller buffers (a new shape bucket)."""
+        rows = row_indices.to(self.backend.device)
+        if input_indices is None:
+            filled = self.cache.narrow(self.time_axis, 0, self.t)
+            filled.copy_(filled.index_select(self.rows_axis, rows))
+            return
+        inputs = input_indices.to(self.backend.device)
+        self.cache = self.cache.index_select(self.rows_axis, rows)
+        self.key_mask, self.positions = self.key_mask.index_select(0, rows), self.positions.index_select(0, rows)
+        kept = [(rows, shape.index("rows")) if "rows" in shape else (inputs, shape.index("batch"))
+                for shape in self.context_shapes]  # fmt: skip
+        self.context_tensors = [
+            t.index_select(axis, i) for t, (i, axis) in zip(self.context_tensors, kept, strict=True)
+        ]
+
+    def merge(self, other: "StaticCacheDecoder") -> None:
+        """See `RunningDecoder.merge`. Each side's filled slots are copied right-aligned at the larger t."""
+        check_mergeable(self, other)
+        t = max(self.t, other.t)
+        capacity = max(self.cache.shape[self.time_axis], other.cache.shape[other.time_axis])
+        (cache, key_mask), (other_cache, other_mask) = self._resized(capacity, t), other._resized(capacity, t)
+        self.cache = torch.cat([cache, other_cache], dim=self.rows_axis)
+        self.key_mask = torch.cat([key_mask, other_mask])
+        self.positions = torch.cat([self.positions, other.positions])
+        pairs = zip(self.context_tensors, other.context_tensors, self.context_shapes, strict=True)
+        self.context_tensors = [merge_tensors(mine, theirs, shape) for mine, theirs, shape in pairs]
+        self.t = t
 
 
 def load_torch(

@@ -31,6 +31,34 @@ class StepDecoder(Protocol):
         """Append one token to every row. int64 [N, 1] -> float32 logits [N, V]."""
         ...
 
-    def reorder(self, row_indices: torch.Tensor) -> None:
-        """Make row i of every per-row cache a copy of row `row_indices[i]` (int64 [N], global rows)."""
+    def reorder(self, row_indices: torch.Tensor, input_indices: torch.Tensor | None = None) -> None:
+        """Make row i of every per-row tensor a copy of row `row_indices[i]`, dropping rows not named.
+
+        Args:
+            row_indices: int64 [N'], global rows; N' < N where the rows of finished inputs are dropped.
+            input_indices: int64 [B'], the inputs kept, in order: every per-input tensor (an EL encoder output,
+                a decoder-only prompt) keeps those. None keeps every input (a beam reorder, N' = N). The kept
+                rows of each kept input are contiguous, input-major, k per input.
+        """
+        ...
+
+
+class RunningDecoder(StepDecoder, Protocol):
+    """A step decoder whose inputs can join (`merge`) and leave (`reorder` with input_indices) at step boundaries:
+    the running batch of in-flight batching. Its rows sit at different steps; each row's result equals a
+    decoder holding that input alone."""
+
+    @property
+    def rows(self) -> int:
+        """N, the rows the next `step` takes."""
+        ...
+
+    @property
+    def inputs(self) -> int:
+        """B, the inputs those rows belong to (N = B * k)."""
+        ...
+
+    def merge(self, other: "RunningDecoder") -> None:
+        """Append the inputs and rows of `other` (started, same backend, same rows per input) after this one's;
+        the next `step` runs all of them in one call. `other` is not to be stepped afterwards."""
         ...

@@ -2,15 +2,19 @@
 
 Triton's dynamic batcher hands the model the requests that arrived within `max_queue_delay_us` (up to
 `max_batch_size` inputs). `BatchRunner` merges those with the same generation parameters (and the same
-kind of input) into ONE `generate` call, so the EL decoder's one-encoder-copy-per-input is shared
-across users; requests with different parameters form separate groups, each one call. Search treats
-every input on its own (only padding depends on the neighbours), so each answer equals `generate` on
-that input alone: the runner crops each input's rows back to what that call would return. A refused
-request gets its own one-line error; its neighbours in the batch get their answers.
+kind of input) into one group, so the EL decoder's one-encoder-copy-per-input is shared across users;
+requests with different parameters form separate groups. With "inflight" batching every group is one
+request to a scheduler thread shared by all model instances: the groups of every model call in flight join
+one running batch at step boundaries and leave it when their search ends, so a short request is not held by
+a long one. With "group" batching each group is one blocking `generate` call (the model call is answered
+when its last group ends, and nothing joins meanwhile). Search treats every input on its own (only padding
+depends on the neighbours), so each answer equals `generate` on that input alone: the runner crops each
+input's rows back to what that call would return. A refused request gets its own one-line error; its
+neighbours in the batch get their answers.
 """
 
-
 import math
+import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,6 +23,7 @@ import torch
 
 from el_export.errors import ElExportError, InputError, InvalidArgumentError
 from el_export.runtime.audio import load_audio
+from el_export.runtime.scheduler import BackgroundScheduler, Request
 from el_export.runtime.tokenizer import pad_ids, padding
 
 
@@ -54,6 +59,9 @@ PARAMETERS: dict[str, tuple[type, ...]] = {
     "repetition_penalty": (float, int), "do_sample": (bool,), "temperature": (float, int), "top_k": (int,),
     "top_p": (float, int), "seed": (int,), "language": (str,), "task": (str,), "truncation": (bool,),
 }  # fmt: skip
+
+
+BATCHING = ("inflight", "group")  # `BatchRunner`'s modes; the first is the default
 
 
 def model_inputs(manifest) -> tuple[ServingTensor, ...]:
@@ -93,16 +101,33 @@ class _Request:
     key: tuple  # requests with equal keys share one search
 
 
+@dataclass
+class _Search:
+    """One group's search: the `generate` arguments over every input of its requests, and how wide the decoder
+    prompt of its sequences is (what cropping skips)."""
+
+    requests: list[_Request]
+    call: dict
+    prompt_width: int
+
+
 class BatchRunner:
-    """Requests -> answers, with one `generate` call per group of requests that can share it.
+    """Requests -> answers, with one search per group of requests that can share it.
 
     Args:
         generator: a loaded `Generator` (thread-safe: one runner may serve several model instances).
         caps: the most one request may ask for (default: `RequestCaps()`).
+        batching: "inflight" (each group joins the running batch of every model call in flight, on a scheduler
+            thread started on first use: `close()` stops it) or "group" (one blocking `generate` per group).
+
+    Raises:
+        InvalidArgumentError: an unknown `batching`.
     """
 
-    def __init__(self, generator, caps: RequestCaps | None = None):
-        self.generator = generator
+    def __init__(self, generator, caps: RequestCaps | None = None, batching: str = BATCHING[0]):
+        if batching not in BATCHING:
+            raise InvalidArgumentError(f"batching {batching!r} is not one of {', '.join(BATCHING)}")
+        self.generator, self.batching = generator, batching
         self.caps = caps or RequestCaps()
         manifest = generator.manifest
         self.speech = bool(manifest.audio)
@@ -112,6 +137,8 @@ class BatchRunner:
         defaults = {**manifest.special_tokens, **manifest.generation_defaults}
         eos = defaults.get("eos_token_id")
         self.eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else eos, dtype=torch.int64)
+        self._scheduler: BackgroundScheduler | None = None
+        self._scheduler_lock = threading.Lock()
 
     def __call__(self, requests: list[tuple[dict, dict | None]]) -> list[dict | ElExportError]:
         """Answer a batch of requests.
@@ -134,22 +161,74 @@ class BatchRunner:
                 results[i] = _detached(e)
                 continue
             groups.setdefault(parsed[i].key, []).append(i)
-        for members in groups.values():
-            try:
-                answers = self._search([parsed[i] for i in members])
-            except ElExportError as e:
-                if len(members) == 1:
-                    results[members[0]] = _detached(e)
-                    continue
-                answers = []  # find the request at fault: the others still get their answers
-                for i in members:
-                    try:
-                        answers.extend(self._search([parsed[i]]))
-                    except ElExportError as alone:
-                        answers.append(_detached(alone))
-            for i, answer in zip(members, answers, strict=True):
-                results[i] = answer
+        answer = self._answer_inflight if self.batching == "inflight" else self._answer_grouped
+        members = list(groups.values())
+        for indices, answers in zip(members, answer([[parsed[i] for i in m] for m in members]), strict=True):
+            for i, result in zip(indices, answers, strict=True):
+                results[i] = result
         return results
+
+    def close(self) -> None:
+        """Stop the in-flight scheduler's thread, if one started (a later call starts another)."""
+        with self._scheduler_lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.stop()
+
+    def __enter__(self) -> "BatchRunner":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    def _answer_grouped(self, groups: list[list[_Request]]) -> list[list[dict | ElExportError]]:
+        """One blocking `generate` per group, in turn; a failed group's requests retried alone (the one at fault
+        fails, the others get their answers)."""
+        results = []
+        for group in groups:
+            try:
+                search = self._search_of(group)
+                results.append(self._crop(search, self.generator.generate(**search.call)))
+            except ElExportError as e:
+                if len(group) == 1:
+                    results.append([_detached(e)])
+                else:
+                    results.append([answer for request in group for answer in self._answer_grouped([[request]])[0]])
+        return results
+
+    def _answer_inflight(self, groups: list[list[_Request]]) -> list[list[dict | ElExportError]]:
+        """Every group submitted to the shared scheduler at once, then each waited on: they run together with the
+        other model calls' groups. A failed group's requests are retried alone, as in `_answer_grouped`."""
+        submitted = [self._submit(group) for group in groups]
+        results = []
+        for group, search in zip(groups, submitted, strict=True):
+            try:
+                if isinstance(search, ElExportError):
+                    raise search
+                search, request = search
+                results.append(self._crop(search, self._background().wait(request)))
+            except ElExportError as e:
+                if len(group) == 1:
+                    results.append([_detached(e)])
+                else:
+                    results.append([answers[0] for answers in self._answer_inflight([[r] for r in group])])
+        return results
+
+    def _submit(self, group: list[_Request]) -> tuple[_Search, Request] | ElExportError:
+        """The group's request, checked (by `Generator.request`: nothing runs) and submitted; or why it was not."""
+        try:
+            search = self._search_of(group)
+            request = self.generator.request(**search.call)
+        except ElExportError as e:
+            return e
+        return search, self._background().submit(request)
+
+    def _background(self) -> BackgroundScheduler:
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                generator = self.generator
+                self._scheduler = BackgroundScheduler(generator.scheduler, around=generator.backend.generating)
+            return self._scheduler
 
     def _parse(self, data: dict, parameters: dict, index: int) -> _Request:
         kwargs = _check_parameters(parameters, self.caps)
@@ -206,27 +285,30 @@ class BatchRunner:
     def _samples_items(self, values: np.ndarray, mask, truncation: bool) -> list[np.ndarray]:
         return [row.astype(np.float32) for row in values]
 
-    def _search(self, requests: list[_Request]) -> list[dict]:
-        """One `generate` call over every input of `requests`; each request's rows cropped back out."""
+    def _search_of(self, requests: list[_Request]) -> _Search:
+        """The `generate` arguments over every input of `requests` (which share their generation arguments)."""
         items = [item for request in requests for item in request.items]
         kwargs = requests[0].kwargs
-        if self.speech:
-            out = self.generator.generate(audio=items, **kwargs)
-            prompt_width = 1  # the decoder prompt: only its first token (BART's start) may be an eos
-        else:
-            if any(len(ids) == 0 for ids in items):
-                raise InputError("an input has no tokens; give at least one token per input")
-            input_ids, mask = pad_ids(items, self.pad_token_id, self.padding_side)
-            out = self.generator.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-            prompt_width = input_ids.shape[1] if self.decoder_only else 1
+        if self.speech:  # the decoder prompt: only its first token (BART's start) may be an eos
+            return _Search(requests, {"audio": items, **kwargs}, prompt_width=1)
+        if any(len(ids) == 0 for ids in items):
+            raise InputError("an input has no tokens; give at least one token per input")
+        input_ids, mask = pad_ids(items, self.pad_token_id, self.padding_side)
+        prompt_width = input_ids.shape[1] if self.decoder_only else 1
+        return _Search(requests, {"input_ids": input_ids, "attention_mask": mask, **kwargs}, prompt_width)
+
+    def _crop(self, search: _Search, out) -> list[dict]:
+        """Each request's rows of the search's output, cropped to what `generate` on each input alone returns."""
+        prompt_width = search.prompt_width
         sequences = out.sequences.cpu()  # [B * R, W]
-        R = sequences.shape[0] // len(items)
+        inputs = sum(len(request.items) for request in search.requests)
+        R = sequences.shape[0] // inputs
         ends = self._row_ends(sequences, out.beam_indices, prompt_width)  # [B * R]
         scores = torch.full((sequences.shape[0],), math.nan)
         if out.sequences_scores is not None:
             scores = out.sequences_scores.cpu().float()
         answers, row = [], 0
-        for request in requests:
+        for request in search.requests:
             per_input = []
             for item in request.items:
                 rows = slice(row, row + R)

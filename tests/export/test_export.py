@@ -43,7 +43,7 @@ def test_manifest_records_the_contract(bundles, hf_models):
     assert (data["family"], data["kind"], data["mode"], data["dtype"]) == ("bart", "seq2seq", "el", "float32")
     assert data["dims"]["decoder_layers"] == 2 and data["dims"]["d_model"] == 32
     step = data["graphs"]["decoder_step"]
-    names = ["input_ids", "encoder_hidden", "encoder_mask", "past_hidden.0", "past_hidden.1"]
+    names = ["input_ids", "encoder_hidden", "encoder_mask", "past_mask", "past_hidden.0", "past_hidden.1"]
     assert [i["name"] for i in step["inputs"]] == names  # one cache tensor per layer: ONNX has no views
     assert step["inputs"][1]["shape"] == ["batch", "source", 32]  # shared: never repeated per beam
     assert data["special_tokens"]["decoder_start_token_id"] == 2

@@ -42,7 +42,8 @@ def test_encoder_and_steps_match_hf_forward(family, padded_batch):
                 m = mask.repeat_interleave(k, 0)
                 step = model.step_kv
             for t in range(rows.shape[1]):
-                logits, state = step(rows[:, t : t + 1], context, m, state)
+                past_mask = torch.ones(rows.shape[0], t, dtype=torch.int64)  # every cache entry a real token
+                logits, state = step(rows[:, t : t + 1], context, m, past_mask, state)
                 expected = ref.logits[:, t].repeat_interleave(k, 0)
                 assert (logits - expected).abs().max() <= 5e-5 * peak, (mode, t)
 

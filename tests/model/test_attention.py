@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from el_export.model.attention import MultiHeadAttention, additive_mask, el_attend
-from el_export.model.layers import DecoderLayer, LayerSpec
+from el_export.model.layers import DecoderLayer, LayerSpec, el_bias
 from el_export.tolerance import BLOCK_TOLERANCE
 
 
@@ -134,3 +134,31 @@ def test_decoder_layer_el_steps_equal_kv_steps(p):
             )
             assert (el - kv).abs().max() <= BLOCK_TOLERANCE
     assert cache["el"].shape == (N, p["steps"], 16)  # EL caches d per token and layer; K/V caches 2 d
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_el_self_attention_with_per_row_bias_equals_standard(p):
+    """Rows of a running batch carry their own cache masks (left padding) plus a per-head bias shared by all rows
+    (T5's relative bias): `el_bias` lays out [N, h or 1, T, R] for the expanded queries as the standard path reads
+    it."""
+    B, k, T, h = p["B"], p["k"], p["T"], p["heads"]
+    d = h * p["d_per_head"]
+    attn = _attention(d, h, p["bias"], p["seed"])
+    g = torch.Generator().manual_seed(p["seed"] + 2)
+    N, R = B * k, p["S"] + T
+    x = torch.randn(N, T, d, generator=g)
+    rows = torch.randn(N, R, d, generator=g)
+    padding = torch.randint(0, R - T + 1, (N,), generator=g)  # each row's padding, before its real entries
+    mask = (torch.arange(R)[None, :] >= padding[:, None]).to(torch.int64)  # [N, R]; the T new entries are real
+    per_head = torch.randn(h, T, R, generator=g)
+    bias = additive_mask(mask, x.dtype)[:, None, None, :] + per_head  # [N, h, T, R]
+    with torch.no_grad():
+        k_, v_ = attn.keys_values(rows)
+        standard = attn.attend_kv(x, k_, v_, bias)
+        el = attn.el_output(el_attend(attn.expand_query(x), rows=rows, rows_bias=el_bias(bias, h)), T)
+        one_bias = additive_mask(mask, x.dtype)[:, None, None, :].expand(N, 1, T, R)  # shared by the heads
+        standard_one = attn.attend_kv(x, k_, v_, one_bias)
+        el_one = attn.el_output(el_attend(attn.expand_query(x), rows=rows, rows_bias=el_bias(one_bias, h)), T)
+    assert (el - standard).abs().max() <= BLOCK_TOLERANCE
+    assert (el_one - standard_one).abs().max() <= BLOCK_TOLERANCE

@@ -55,8 +55,17 @@ class HFStepDecoder:
         inputs = self.model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **self.kwargs)
         return self._forward(inputs)
 
-    def reorder(self, row_indices: torch.Tensor) -> None:
+    def reorder(self, row_indices: torch.Tensor, input_indices: torch.Tensor | None = None) -> None:
+        """HF holds everything per row: dropping inputs (input_indices given) drops their rows of every kwarg."""
         self.kwargs["past_key_values"].reorder_cache(row_indices)
+        if input_indices is None:  # a beam reorder: HF reorders the cache only (the rows of an input share the rest)
+            return
+        encoder_outputs = self.kwargs.get("encoder_outputs")
+        if encoder_outputs is not None:
+            encoder_outputs["last_hidden_state"] = encoder_outputs.last_hidden_state.index_select(0, row_indices)
+        for name in ("attention_mask", "position_ids"):
+            if self.kwargs.get(name) is not None:
+                self.kwargs[name] = self.kwargs[name].index_select(0, row_indices)
 
     def _forward(self, inputs: dict) -> torch.Tensor:
         outputs = self.model(**inputs, return_dict=True)

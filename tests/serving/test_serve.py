@@ -50,7 +50,7 @@ TEXTS = ("The quick brown fox.", "Beam search keeps several hypotheses.", "Short
 
 
 class Counting:
-    """A generator whose `generate` calls are counted."""
+    """A generator whose searches are counted: `generate` calls (group batching) and `request` calls (in-flight)."""
 
     def __init__(self, generator):
         self.inner, self.calls = generator, 0
@@ -61,6 +61,10 @@ class Counting:
     def generate(self, **kwargs):
         self.calls += 1
         return self.inner.generate(**kwargs)
+
+    def request(self, **kwargs):
+        self.calls += 1
+        return self.inner.request(**kwargs)
 
 
 def _text_request(*texts: str) -> dict:
@@ -90,10 +94,24 @@ def text_generator(cli_bundle):
     return el_export.load(cli_bundle)
 
 
-def test_requests_with_the_same_parameters_share_one_search(text_generator):
+@pytest.fixture(params=["inflight", "group"])
+def runner(request):
+    """runner(generator, caps=None) -> a `BatchRunner` with each batching mode, closed after the test."""
+    made = []
+
+    def make(generator, caps=None):
+        made.append(BatchRunner(generator, caps, batching=request.param))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+def test_requests_with_the_same_parameters_share_one_search(text_generator, runner):
     generator = Counting(text_generator)
     parameters = PARAMETER_SETS[2]
-    answers = BatchRunner(generator)([(_text_request(text), parameters) for text in TEXTS])
+    answers = runner(generator)([(_text_request(text), parameters) for text in TEXTS])
     assert generator.calls == 1
     for text, answer in zip(TEXTS, answers, strict=True):
         assert answer["sequences"].shape[:2] == (1, 2) and answer["text"].shape == (1, 2)
@@ -101,18 +119,18 @@ def test_requests_with_the_same_parameters_share_one_search(text_generator):
         assert [t.decode() for t in answer["text"][0]] == text_generator.generate_text([text], **parameters)
 
 
-def test_different_parameters_form_one_search_each(text_generator):
+def test_different_parameters_form_one_search_each(text_generator, runner):
     generator = Counting(text_generator)
     requests = [(_text_request(text), PARAMETER_SETS[i % 3]) for i, text in enumerate(TEXTS * 2)]
-    answers = BatchRunner(generator)(requests)
+    answers = runner(generator)(requests)
     assert generator.calls == 3
     for (data, parameters), answer in zip(requests, answers, strict=True):
         _assert_answer_equals(answer, _offline(text_generator, data["text"][0, 0].decode(), parameters))
 
 
-def test_a_request_may_carry_several_inputs_and_token_ids(text_generator):
+def test_a_request_may_carry_several_inputs_and_token_ids(text_generator, runner):
     ids, mask = text_generator.tokenizer.encode(list(TEXTS[:2]))
-    answers = BatchRunner(text_generator)([
+    answers = runner(text_generator)([
         (_text_request(*TEXTS[:2]), {"num_beams": 2, "max_new_tokens": 8}),
         ({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, {"num_beams": 2, "max_new_tokens": 8}),
     ])  # fmt: skip
@@ -122,10 +140,10 @@ def test_a_request_may_carry_several_inputs_and_token_ids(text_generator):
     assert torch.equal(torch.tensor(answers[0]["sequences"][:, 0]), reference.sequences)
 
 
-def test_a_bad_request_does_not_fail_its_neighbours(text_generator):
+def test_a_bad_request_does_not_fail_its_neighbours(text_generator, runner):
     generator = Counting(text_generator)
     good = (_text_request(TEXTS[0]), {"max_new_tokens": 5})
-    answers = BatchRunner(generator)([
+    answers = runner(generator)([
         good,
         (_text_request(TEXTS[1]), {"num_beams": "two"}),
         (_text_request(TEXTS[1]), {"temperature_x": 1.0}),
@@ -141,10 +159,10 @@ def test_a_bad_request_does_not_fail_its_neighbours(text_generator):
         _assert_answer_equals(answer, _offline(text_generator, TEXTS[0], {"max_new_tokens": 5}))
 
 
-def test_requests_over_a_cap_are_refused_in_one_line_before_any_search(text_generator):
+def test_requests_over_a_cap_are_refused_in_one_line_before_any_search(text_generator, runner):
     generator = Counting(text_generator)
-    runner = BatchRunner(generator, RequestCaps(max_num_beams=2, max_new_tokens=8, max_text_bytes=100))
-    answers = runner([
+    capped = runner(generator, RequestCaps(max_num_beams=2, max_new_tokens=8, max_text_bytes=100))
+    answers = capped([
         (_text_request(TEXTS[0]), {"num_beams": 3}),
         (_text_request(TEXTS[0]), {"num_beams": 2, "num_return_sequences": 3}),
         (_text_request(TEXTS[0]), {"max_new_tokens": 9}),
@@ -191,21 +209,21 @@ def test_a_refused_long_text_keeps_nothing_alive(text_generator):
     assert grown < 2**20, f"{grown / 2**20:.1f} MiB still allocated after 3 refused requests"
 
 
-def test_seeded_sampling_runs_alone_so_it_repeats(text_generator):
+def test_seeded_sampling_runs_alone_so_it_repeats(text_generator, runner):
     generator = Counting(text_generator)
     parameters = {"do_sample": True, "seed": 7, "max_new_tokens": 6, "top_k": 20}
-    answers = BatchRunner(generator)([(_text_request(text), parameters) for text in TEXTS[:3]])
+    answers = runner(generator)([(_text_request(text), parameters) for text in TEXTS[:3]])
     assert generator.calls == 3
     for text, answer in zip(TEXTS, answers, strict=False):
         _assert_answer_equals(answer, _offline(text_generator, text, parameters))
 
 
-def test_decoder_only_prompts_of_different_lengths_share_a_search(bundles):
+def test_decoder_only_prompts_of_different_lengths_share_a_search(bundles, runner):
     generator = Counting(el_export.load(bundles("gpt2", "el")))
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
     for parameters in ({"max_new_tokens": 6}, {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 5}):
         generator.calls = 0
-        answers = BatchRunner(generator)([({"input_ids": np.array([p])}, parameters) for p in prompts])
+        answers = runner(generator)([({"input_ids": np.array([p])}, parameters) for p in prompts])
         assert generator.calls == 1
         for prompt, answer in zip(prompts, answers, strict=True):
             _assert_answer_equals(answer, generator.inner.generate(input_ids=[prompt], **parameters))
@@ -560,10 +578,12 @@ def test_a_5_mb_text_is_refused_before_tokenizing_and_leaves_no_memory(server):
 
 
 class Broken(Counting):
-    """A generator with a bug."""
+    """A generator with a bug, in either batching mode."""
 
     def generate(self, **kwargs):
         raise RuntimeError("a bug in generate")
+
+    request = generate
 
 
 def test_a_bug_fails_its_batch_with_a_500_and_keeps_its_traceback_in_the_log(text_generator, capsys):

@@ -34,6 +34,7 @@ def test_profiles_of_every_input():
     assert step["input_ids"] == {"min": [1, 1], "opt": [6, 1], "max": [6, 1]}
     assert step["encoder_hidden"] == {"min": [1, 1, 32], "opt": [2, 6, 32], "max": [2, 10, 32]}
     assert step["past_hidden.0"] == {"min": [1, 0, 32], "opt": [6, 4, 32], "max": [6, 8, 32]}
+    assert step["past_mask"] == {"min": [1, 0], "opt": [6, 4], "max": [6, 8]}  # per row, over the same cache
     kv = graph_profiles(_manifest("bart", "kv"), limits)["decoder_step"]
     assert kv["cross_key.1"] == {"min": [1, 4, 1, 8], "opt": [6, 4, 6, 8], "max": [6, 4, 10, 8]}
     assert kv["encoder_mask"]["max"] == [6, 10]

@@ -101,6 +101,7 @@ def test_caches_stay_on_the_device(built):
     decoder = generator.backend.make_decoder({**encoded, "encoder_mask": torch.ones(2, 5, dtype=torch.int64).cuda()})
     decoder.start(torch.full((2, 1), 2), 2)
     assert decoder.state["past_hidden.0"].is_cuda and decoder.state["past_hidden.0"].shape[1] == 1
+    assert decoder.state["past_mask"].is_cuda and decoder.state["past_mask"].tolist() == [[1]] * 4
 
 
 @pytest.mark.skipif(int(trt.__version__.split(".")[0]) >= 11, reason="TensorRT 11 builds strongly typed networks only")
