@@ -105,6 +105,7 @@ class _Batch:
     def __init__(self):
         self.decoder = None
         self.cohorts: list[_Cohort] = []
+        self.stepped = False  # has run a step since it formed (an input joining it then joins a running search)
 
     @property
     def rows(self) -> int:
@@ -129,8 +130,9 @@ class Scheduler:
         self.budget, self.max_batch, self.max_rows, self.static = budget, max_batch, max_rows, static
         self.waiting: deque[Request] = deque()
         self.batches: dict[int, _Batch] = {}
-        # steps run; inputs admitted into a batch that was running; inputs that left a batch others still ran in
-        self.stats = {"steps": 0, "joined_running": 0, "left_early": 0}
+        # steps run; inputs admitted into a batch that was running; inputs that left a batch others still ran in;
+        # the most inputs one step ran; the rows all steps ran (rows / steps: the mean batch a step computes)
+        self.stats = {"steps": 0, "joined_running": 0, "left_early": 0, "peak_inputs": 0, "row_steps": 0}
 
     def submit(self, request: Request) -> None:
         self.waiting.append(request)
@@ -179,10 +181,11 @@ class Scheduler:
         return max(0, room)
 
     def _admit(self) -> None:
+        forming = not any(b.cohorts for b in self.batches.values())  # a static batch forms only when all are empty
         while self.waiting:
             request = self.waiting[0]
             idle = not any(b.cohorts for b in self.batches.values())
-            if self.static and not idle:
+            if self.static and not forming:
                 return
             wanted = request.count - request.admitted
             room = max(self._room(request), 1 if idle else 0)  # one input always runs (the guard refused worse)
@@ -198,8 +201,6 @@ class Scheduler:
             self._start(request, request.admitted, request.admitted + n)
             if request.admitted == request.count or request.error is not None:
                 self.waiting.popleft()
-            if room <= n and not idle:
-                return
 
     def _start(self, request: Request, start: int, stop: int) -> None:
         request.admitted = stop
@@ -223,7 +224,7 @@ class Scheduler:
             admission.decoder.reorder(advance.rows, advance.inputs)
         cohort.tokens, cohort.rows, cohort.inputs = advance.tokens, search.rows, search.inputs
         batch = self.batches.setdefault(k, _Batch())
-        if batch.cohorts:
+        if batch.cohorts and batch.stepped:
             self.stats["joined_running"] += search.inputs
         if batch.decoder is None:
             batch.decoder = admission.decoder
@@ -237,7 +238,10 @@ class Scheduler:
         """One decoder call over the batch's rows; each cohort advances on its rows' logits; then one gather drops
         the rows of inputs that ended and reorders beams (the inputs' context is gathered only when one left)."""
         self.stats["steps"] += 1
+        batch.stepped = True
         before = batch.inputs
+        self.stats["peak_inputs"] = max(self.stats["peak_inputs"], before)
+        self.stats["row_steps"] += batch.rows
         logits = batch.decoder.step(torch.cat([c.tokens for c in batch.cohorts]))
         device = logits.device
         rows, inputs, kept = [], [], []
@@ -252,8 +256,9 @@ class Scheduler:
             if cohort.search.done and not self.static:
                 left = True  # all its rows leave
             else:
-                kept_rows = None if advance is None else advance.rows
-                kept_inputs = None if advance is None else advance.inputs
+                ended = advance is None or cohort.search.done  # a static batch keeps an ended cohort's rows as they are
+                kept_rows = None if ended else advance.rows
+                kept_inputs = None if ended else advance.inputs
                 rows.append(torch.arange(n, device=device) if kept_rows is None else kept_rows.to(device))
                 rows[-1] = rows[-1] + row
                 inputs.append(torch.arange(b, device=device) if kept_inputs is None else kept_inputs.to(device))
@@ -268,7 +273,7 @@ class Scheduler:
             kept = []  # the static batch's longest member ended: it ends
         batch.cohorts = kept
         if not kept:
-            batch.decoder = None  # frees the caches
+            batch.decoder, batch.stepped = None, False  # frees the caches
             return
         if left:
             self.stats["left_early"] += before - batch.inputs

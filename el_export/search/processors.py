@@ -13,7 +13,9 @@ from el_export.errors import InvalidArgumentError
 from el_export.search.options import GenerationOptions
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(ids int64 [N, T], scores float32 [N, V]) -> processed scores [N, V]. T is the current length."""
+"""(ids int64 [N, T], scores float32 [N, V]) -> processed scores [N, V]. T is the current length. A processor may
+write into `scores` (the search hands it scores it owns, as HF's loop does): at Whisper's vocabulary a full copy
+per step and processor is measurable."""
 
 _NEG_INF = -float("inf")
 
@@ -89,10 +91,12 @@ def bad_words(words: Sequence[Sequence[int]], vocab_size: int, device: torch.dev
 
 
 def suppress(token_mask: torch.Tensor, when: Callable[[int], bool]) -> Processor:
-    """Set the masked tokens to -inf at the lengths `when` accepts (min length, suppress, begin-suppress)."""
+    """Set the masked tokens to -inf at the lengths `when` accepts (min length, suppress, begin-suppress): in place,
+    on their columns only (HF's `torch.where` gives the same values over the whole tensor)."""
+    columns = token_mask.nonzero().flatten()
 
     def apply(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return torch.where(token_mask, _NEG_INF, scores) if when(ids.shape[-1]) else scores
+        return scores.index_fill_(1, columns, _NEG_INF) if when(ids.shape[-1]) else scores
 
     return apply
 

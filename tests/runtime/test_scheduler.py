@@ -107,6 +107,7 @@ def test_generate_each_and_static_batching_give_the_same_answers(bundles, hf_mod
     generator.batching = "static"
     static, scheduler = _run(generator, calls, max_batch=3)
     assert scheduler.stats["joined_running"] == 0 and scheduler.stats["left_early"] == 0
+    assert scheduler.stats["peak_inputs"] == 3  # the calls formed static batches of 3 (the cap), not of 1
     for a, b in zip(continuous, static, strict=True):
         assert torch.equal(a.sequences, b.sequences)
     _check_alone(hf, calls, continuous)
@@ -164,3 +165,19 @@ def test_the_job_with_in_flight_batching_writes_what_static_batches_write(tmp_pa
     for flag in ("--max-batch", "--max-rows"):
         assert main(["generate", str(cli_bundle), "a fox", flag, "0"]) == 2
         assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_forced_varied_lengths_match_hf_alone(batching, bundles, hf_models):
+    """W6's shape: beam search with each input forced to its own length (min_new_tokens = max_new_tokens), so
+    inputs end at different steps; a static batch keeps the ended ones' rows until its longest ends."""
+    hf = hf_models("bart")
+    g = torch.Generator().manual_seed(11)
+    calls = []
+    for _ in range(6):
+        length = int(torch.randint(2, 12, (1,), generator=g))
+        ids = torch.randint(3, hf.config.vocab_size, (1, 6), generator=g)
+        calls.append(dict(input_ids=ids, num_beams=4, max_new_tokens=length, min_new_tokens=length))
+    generator = el_export.load(bundles("bart", "el"))
+    generator.batching = batching
+    _check_alone(hf, calls, generator.generate_each(calls))
