@@ -332,25 +332,32 @@ class BackgroundScheduler:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._incoming and not self._scheduler.busy and not self._stopped:
+                while not self._incoming and not self._stopped:
                     self._lock.wait()
+                if self._stopped:
+                    return
+            with self._around() if self._around else contextlib.nullcontext():  # held while busy, not per step
+                self._run_while_busy()
+
+    def _run_while_busy(self) -> None:
+        while True:
+            with self._lock:
                 if self._stopped:
                     return
                 incoming, self._incoming = self._incoming, []
             for request in incoming:
                 self._scheduler.submit(request)
                 self._in_flight.append(request)
+            if not self._scheduler.busy:
+                return
             try:
-                with self._around() if self._around else contextlib.nullcontext():
-                    self._scheduler.step()
+                self._scheduler.step()
             except Exception as error:  # every request in flight fails with it; the thread goes on
                 if not isinstance(error, ElExportError):  # a bug: its traceback goes to the log
                     traceback.print_exc()
-                failure = (
-                    error
-                    if isinstance(error, ElExportError)
-                    else ElExportError(f"generation failed: {first_line(error)}")
-                )
+                failure = error
+                if not isinstance(error, ElExportError):
+                    failure = ElExportError(f"generation failed: {first_line(error)}")
                 for request in self._in_flight:
                     if not request.done:
                         request.error = failure
