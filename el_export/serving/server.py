@@ -66,8 +66,9 @@ class ServeConfig:
 
     @property
     def model_instances(self) -> int:
-        """`instances`, or when unset 4 for in-flight batching (it batches only the model calls in flight at once:
-        each instance has one) and 1 for group batching."""
+        """`instances`, or when unset 16 for in-flight batching (it batches only the model calls in flight at once:
+        each instance has one; 4 left a bart-base-sized model's load test queueing in Triton at 0.76x offline
+        throughput, 16 reached 0.84x) and 1 for group batching."""
         if self.instances is not None:
             return self.instances
         return INFLIGHT_INSTANCES if self.batching == "inflight" else 1
@@ -77,7 +78,7 @@ class ServeConfig:
         return {"--port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
 
 
-INFLIGHT_INSTANCES = 4  # serve's default instances with in-flight batching
+INFLIGHT_INSTANCES = 16  # serve's default instances with in-flight batching
 
 
 def make_runner(generator, config: "ServeConfig") -> BatchRunner:
