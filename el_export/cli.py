@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("serve", help="serve a bundle through Triton (shipped with PyTriton), with dynamic batching")
     p.add_argument("bundle", type=Path, help="bundle directory to serve")
-    _add_serving_arguments(p, "model instances sharing the loaded bundle and its running batch (default: 16 "
+    _add_serving_arguments(p, "model instances sharing the loaded bundle and its running batch (default: 8 "
                            "with --batching inflight, which batches the model calls in flight at once; 1 with "
                            "group)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 127.0.0.1 is this machine only")

@@ -4,7 +4,7 @@ N text inputs, each with its own length (max_new_tokens = min_new_tokens drawn, 
 lengths really vary on the random tiny model), go through:
   offline, alone              `generate` per input: the answer every other run must give (token ids equal)
   offline, batches            `generate_each` on batches of --max-batch-size inputs, in this process
-  served, in-flight           `el-export serve --batching inflight` (its default instances: 16)
+  served, in-flight           `el-export serve --batching inflight` (its default instances: 8)
   served, group               `el-export serve --batching group` (one generate per parameter group, 1 instance)
 Served runs are open-loop: requests (one input each) arrive as a seeded Poisson process of --rate inputs/s, each
 sent at its arrival time from a thread pool large enough that none waits for a free client. The default rate

@@ -66,9 +66,10 @@ class ServeConfig:
 
     @property
     def model_instances(self) -> int:
-        """`instances`, or when unset 16 for in-flight batching (it batches only the model calls in flight at once:
-        each instance has one; 4 left a bart-base-sized model's load test queueing in Triton at 0.76x offline
-        throughput, 16 reached 0.84x) and 1 for group batching."""
+        """`instances`, or when unset 8 for in-flight batching (it batches only the model calls in flight at once:
+        each instance has one; with 4 a bart-base-sized model's load test queued in Triton at 0.76x offline
+        throughput, 8 reached 0.81x and 16 0.84x, but 16 stubs take Triton 21 s to stop) and 1 for group
+        batching."""
         if self.instances is not None:
             return self.instances
         return INFLIGHT_INSTANCES if self.batching == "inflight" else 1
@@ -78,7 +79,7 @@ class ServeConfig:
         return {"--port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
 
 
-INFLIGHT_INSTANCES = 16  # serve's default instances with in-flight batching
+INFLIGHT_INSTANCES = 8  # serve's default instances with in-flight batching
 
 
 def make_runner(generator, config: "ServeConfig") -> BatchRunner:

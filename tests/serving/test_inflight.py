@@ -165,8 +165,8 @@ def test_the_scheduler_thread_starts_on_first_use_and_stops_on_close(generator):
         BatchRunner(generator, batching="static")
 
 
-def test_instances_default_to_16_in_flight_and_1_grouped():
-    assert ServeConfig().model_instances == 16
+def test_instances_default_to_8_in_flight_and_1_grouped():
+    assert ServeConfig().model_instances == 8
     assert ServeConfig(batching="group").model_instances == 1
     assert ServeConfig(batching="group", instances=3).model_instances == 3
 
