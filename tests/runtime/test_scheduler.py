@@ -77,9 +77,14 @@ def test_inputs_joining_and_leaving_match_hf_alone(family, mode, bundles, hf_mod
     _check_alone(hf, calls, outputs)
 
 
-@pytest.mark.parametrize("static_cache", [False, True])
+TORCH_CASES = [
+    *((family, cache) for family in ("bart", "t5", "whisper") for cache in (False, True)),
+    *((family, False) for family in FAMILIES if family not in ("bart", "t5")),  # growing caches: every family
+]
+
+
 @pytest.mark.parametrize("mode", ["el", "kv"])
-@pytest.mark.parametrize("family", ["bart", "t5", "whisper"])
+@pytest.mark.parametrize("family, static_cache", TORCH_CASES)
 def test_torch_backend_joins_and_leaves(family, mode, static_cache, hf_models):
     hf = hf_models(family)
     calls = _calls(hf, speech=family == "whisper")
