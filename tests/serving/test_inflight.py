@@ -16,6 +16,7 @@ from el_export.serving.batching import BatchRunner
 from el_export.serving.server import ServeConfig
 
 from .test_serve import TEXTS, _assert_answer_equals, _offline, _text_request
+from .threads import run_in_threads
 
 SCHEDULER_THREAD = "el-export-scheduler"
 
@@ -38,11 +39,7 @@ def _concurrently(runner: BatchRunner, calls: list[list]) -> dict[int, list]:
         barrier.wait()
         answers[i] = runner(calls[i])
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    run_in_threads(call, len(calls))
     assert len(answers) == len(calls), "a model call did not return"
     return answers
 

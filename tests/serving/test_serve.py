@@ -39,6 +39,8 @@ from el_export.serving.process import free_ports, stop_process_group, wait_until
 from el_export.serving.stub import check_python_stub, stub_library, stub_problem
 from el_export.tolerance import REBATCHED_SCORE_TOLERANCE
 
+from .threads import run_in_threads
+
 HOST = "127.0.0.1"
 REQUEST_TIMEOUT = 30.0  # seconds, any one request
 PARAMETER_SETS = (
@@ -444,11 +446,7 @@ def test_concurrent_clients_get_what_offline_generate_returns(server, text_gener
         finally:
             client.close()
 
-    threads = [threading.Thread(target=client_thread, args=(t,)) for t in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    run_in_threads(client_thread, 4, timeout=120)
     assert not errors and len(answers) == len(jobs), errors
     for k, (text, parameters) in enumerate(jobs):
         _assert_answer_equals(answers[k], _offline(text_generator, text, parameters))
@@ -466,11 +464,7 @@ def test_requests_arriving_together_are_batched(server, text_generator):
         answers[i] = _infer(client, TEXTS[i % 4], PARAMETER_SETS[0])
         client.close()
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    run_in_threads(send, 8)
     executions = server.metric("nv_inference_exec_count") - before[0]
     assert server.metric("nv_inference_count") - before[1] == 8 and len(answers) == 8
     assert executions < 8, "no two requests were batched"
@@ -545,11 +539,7 @@ def test_refused_requests_do_not_fail_the_requests_batched_with_them(server, tex
             answers[i] = e
         client.close()
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    run_in_threads(send, 8)
     assert server.metric("nv_inference_exec_count") - before < 8, "no two requests were batched"
     for i in range(8):
         if i % 2:
