@@ -115,6 +115,11 @@ class _Batch:
     def inputs(self) -> int:
         return sum(c.inputs for c in self.cohorts)
 
+    @property
+    def bytes_per_input(self) -> int:
+        """Merged rows are padded to the longest: each input costs what the costliest request's inputs cost."""
+        return max((c.request.bytes_per_input for c in self.cohorts), default=0)
+
 
 class Scheduler:
     """Runs requests over running batches of decoder rows.
@@ -160,19 +165,15 @@ class Scheduler:
         inputs = rows = used = 0
         for batch in self.batches.values():
             inputs, rows = inputs + batch.inputs, rows + batch.rows
-            if batch.cohorts:  # merged rows are padded to the longest: count each input at the costliest's size
-                used += batch.inputs * max(c.request.bytes_per_input for c in batch.cohorts)
+            used += batch.inputs * batch.bytes_per_input
         return inputs, rows, used
 
     def _room(self, request: Request) -> int:
         """How many of the request's waiting inputs may join now."""
         inputs, rows, used = self._running()
-        batch = self.batches.get(request.k)
-        per_input = max(
-            [request.bytes_per_input] + ([c.request.bytes_per_input for c in batch.cohorts] if batch else [])
-        )
-        if batch and batch.cohorts:  # joining pads the batch's inputs to the new one's size too
-            used += batch.inputs * (per_input - max(c.request.bytes_per_input for c in batch.cohorts))
+        batch = self.batches.get(request.k) or _Batch()
+        per_input = max(request.bytes_per_input, batch.bytes_per_input)
+        used += batch.inputs * (per_input - batch.bytes_per_input)  # joining pads the batch's inputs to its size too
         room = (self.budget - used) // per_input
         if self.max_batch is not None:
             room = min(room, self.max_batch - inputs)
