@@ -17,6 +17,7 @@ from el_export.errors import ElExportError, InvalidArgumentError
 
 DEFAULT_OUT = Path("graphs")  # git-ignored
 UNSET = "unset: the checkpoint's default"
+TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # openai-whisper's: 0, then up by 0.2 to 1 on each fallback
 RECORD = (
     'one JSON line per input: {"id", "input_sha256", "input", "outputs": [{"text", "token_ids", "score"}]}; id: '
     "the input file's id (else its line, or the argument's number); token_ids: the generated sequence (decoder-only: "
@@ -128,6 +129,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_generate)
 
     p = add(
+        "transcribe",
+        help="transcribe (or translate) audio of any length with a Whisper bundle into txt, srt, vtt, json files",
+        description="Long-form transcription as openai-whisper's `whisper` command runs it: 30 s windows moved by "
+        "the timestamps the model predicts, each decoded at the first of --temperature that passes the thresholds. "
+        "Options and defaults are openai-whisper's (--num-beams is its --beam_size, under HF's name).",
+        epilog="Every input is checked (it exists, its WAV/FLAC header reads, no two share a name) before any is "
+        "transcribed. Transcripts are written as each --batch-size group of inputs ends, each file whole (written "
+        "beside itself, then renamed over any old one). When an input fails, the ones before it stay written and "
+        "the error says how many; nothing is written for it or for those after it.",
+    )
+    p.add_argument("bundle", type=Path, help="a Whisper bundle directory (written by el-export export)")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="FILE_OR_DIR",
+                   help="WAV or FLAC files, or directories: each .wav and .flac in one (sorted, not in "
+                        "subfolders)")  # fmt: skip
+    p.add_argument("--output-format", "-f", choices=("txt", "srt", "vtt", "json", "all"), default="all",
+                   help="what to write; all: the four formats (openai-whisper's default)")  # fmt: skip
+    p.add_argument("--output-dir", "-o", type=Path, default=Path("."),
+                   help="where <input name>.<format> are written (created if missing; transcripts there of the same "
+                        "names are replaced)")  # fmt: skip
+    p.add_argument("--backend", default="onnxruntime", help="runtime: onnxruntime, or tensorrt (el-export build)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="inputs transcribed together (their windows share the running batch); each group's "
+                        "transcripts are written when it ends")  # fmt: skip
+    g = p.add_argument_group("decoding (openai-whisper's options and defaults)")
+    g.add_argument("--word-timestamps", action="store_true",
+                   help="time every word (json: each segment's words; srt, vtt: each segment's cue from its first "
+                        "word to its last)")  # fmt: skip
+    g.add_argument("--num-beams", type=int, default=5,
+                   help="beams at temperature 0, 1 for greedy; 5 is openai-whisper's and faster-whisper's beam size "
+                        "(HF's default is the checkpoint's, greedy)")  # fmt: skip
+    g.add_argument("--condition-on-previous-text", action=argparse.BooleanOptionalAction, default=True,
+                   help="prompt each window with the text before it: steadier style and names (openai-whisper's "
+                        "default; HF's is off), but a window that repeats itself can pass that on")  # fmt: skip
+    g.add_argument("--temperature", type=float, nargs="+", metavar="T", default=TEMPERATURES,
+                   help="temperatures tried in turn until a window's text passes the thresholds; above 0 samples "
+                        "(openai-whisper's 0, raised by 0.2 on each fallback)")  # fmt: skip
+    g.add_argument("--compression-ratio-threshold", type=_optional_float, metavar="X", default=2.4,
+                   help="fall back when the text's gzip compression ratio is above X (it repeats itself); none: "
+                        "off")  # fmt: skip
+    g.add_argument("--logprob-threshold", type=_optional_float, metavar="X", default=-1.0,
+                   help="fall back when the average log probability of the tokens is below X; none: off")  # fmt: skip
+    g.add_argument("--no-speech-threshold", type=_optional_float, metavar="X", default=0.6,
+                   help="skip a window as silence when its no-speech probability is above X and its average log "
+                        "probability below --logprob-threshold; none: off")  # fmt: skip
+    g.add_argument("--language", help="multilingual models: the language spoken, e.g. en or de (unset: detected)")
+    g.add_argument("--task", choices=("transcribe", "translate"),
+                   help="multilingual models: translate into English (unset: transcribe)")  # fmt: skip
+    g.add_argument("--initial-prompt", metavar="TEXT",
+                   help="text the first window continues (names, spelling, punctuation), tokenized with the bundle's "
+                        "tokenizer (unset: none)")  # fmt: skip
+    p.set_defaults(run=_transcribe)
+
+    p = add(
         "compare",
         help="check a bundle against its PyTorch reference (graphs, then generate)",
         description="Check a bundle against the checkpoint it was exported from: each graph against its PyTorch "
@@ -211,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", help="time and memory of el, kv, HF generate and CTranslate2 on the same inputs",
             description="With BUNDLE: your model on your inputs, el vs kv (the other mode, exported from --reference) "
             "vs HF generate on --reference vs CTranslate2 float32, each engine in its own process, outputs compared "
-            "with HF's. Without: the built-in workloads W1-W6 (docs/benchmarks.md).")  # fmt: skip
+            "with HF's. Without: the built-in workloads W1-W7 (docs/benchmarks.md).")  # fmt: skip
     p.add_argument("bundle", type=Path, nargs="?", metavar="BUNDLE", help="your bundle (none: the built-in workloads)")
     p.add_argument("--reference", metavar="CKPT",
                    help="BUNDLE: the checkpoint it was exported from (HF generate runs it; the other mode and "
@@ -223,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="BUNDLE: unset: 32; speech: whole transcripts")
     p.add_argument("--batch-size", type=int, metavar="B", help="BUNDLE: inputs per generate call (unset: 8)")
     p.add_argument("--workloads", help="built-in: comma-separated W1 (BART), W2 (batch growth), W3 (Whisper "
-                   "tiny.en), W4 (GPT-2), W5, W6 (varied lengths: Whisper, BART) (unset: all)")  # fmt: skip
+                   "tiny.en), W4 (GPT-2), W5, W6 (varied lengths: Whisper, BART), W7 (long-form Whisper on 5.5 min "
+                   "of speech) (unset: all but W7)")  # fmt: skip
     p.add_argument("--profile", choices=("full", "smoke"),
                    help="built-in: full measures; smoke runs the harness on tiny models (unset: full)")  # fmt: skip
     p.add_argument("--work", type=Path, help="checkpoints and bundles made for the bench, reused (unset: "
@@ -295,6 +350,19 @@ def _token_ids(text: str) -> list[int]:
 def _token_id_lists(text: str) -> list[list[int]]:
     """--bad-words-ids: lists of token ids separated by ';' (e.g. "1,2;7")."""
     return [_token_ids(part) for part in text.split(";")]
+
+
+def _optional_float(text: str) -> float | None:
+    """A finite number, or "none" (off) (argparse reports anything else)."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number or none, got {text!r}")
+    return value
 
 
 def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
@@ -480,6 +548,72 @@ def _load_generator(args):
         generator.memory_limit = int(args.memory_limit * 2**30)
     generator.max_batch, generator.max_rows, generator.batching = args.max_batch, args.max_rows, args.batching
     return generator
+
+
+def _transcribe(args) -> int:
+    import el_export
+    from el_export.contract.files import read_manifest
+    from el_export.runtime.transcripts import FORMATS, find_audio, transcribe_files
+
+    for flag in ("batch_size", "num_beams"):
+        if getattr(args, flag) < 1:
+            raise InvalidArgumentError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not all(math.isfinite(t) and t >= 0 for t in args.temperature):
+        raise InvalidArgumentError(f"--temperature takes numbers >= 0, got {' '.join(map(str, args.temperature))}")
+    if args.initial_prompt is not None and not args.initial_prompt.strip():
+        raise InvalidArgumentError("--initial-prompt is empty; give the text to continue, or drop it")
+    manifest = read_manifest(args.bundle, verify=False)  # the load below verifies it; this only asks what it is
+    if not manifest.audio:
+        raise InvalidArgumentError(f"{args.bundle} is a {manifest.family} bundle; transcribe takes a Whisper bundle")
+    notes = not logs.quiet()
+    skipped = lambda path, why: notes and print(f"el-export: note: skipped {path}: {why}", file=sys.stderr)  # noqa: E731
+    files = find_audio(args.inputs, manifest.audio["sampling_rate"], on_skip=skipped)
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot create --output-dir {args.output_dir} ({e.strerror})") from None
+    generator = el_export.load(args.bundle, backend=args.backend)
+    kwargs = {
+        "word_timestamps": args.word_timestamps, "num_beams": args.num_beams,
+        "condition_on_prev_tokens": args.condition_on_previous_text,
+        "temperature": args.temperature[0] if len(args.temperature) == 1 else tuple(args.temperature),
+        **{name: getattr(args, name) for name in ("compression_ratio_threshold", "logprob_threshold",
+                                                   "no_speech_threshold", "language", "task")
+           if getattr(args, name) is not None},
+    }  # fmt: skip
+    if args.initial_prompt is not None:
+        kwargs["prompt_ids"] = _prompt_ids(generator, args.bundle, args.initial_prompt)
+    formats = list(FORMATS) if args.output_format == "all" else [args.output_format]
+    with _audio_progress(enabled=sys.stderr.isatty() and notes) as bar:
+        task = bar.add_task("transcribing", total=sum(f.seconds for f in files))
+        written = transcribe_files(generator, files, args.output_dir, formats, batch_size=args.batch_size,
+                                   on_progress=lambda done, _: bar.update(task, completed=done), **kwargs)  # fmt: skip
+    count = len(written) // len(formats)
+    print(f"wrote {count} transcript{'s' * (count != 1)} ({', '.join(formats)}) to {args.output_dir}", file=sys.stderr)
+    return 0
+
+
+def _prompt_ids(generator, bundle: Path, text: str):
+    """--initial-prompt as HF's `prompt_ids`: int64 [P], [<|startofprev|>] + the text's tokens."""
+    import torch
+
+    if generator.tokenizer is None:
+        raise InvalidArgumentError(
+            f"--initial-prompt needs a tokenizer and {bundle} has none: re-export it with its checkpoint's tokenizer"
+        )
+    return torch.tensor(generator.tokenizer.prompt_ids(text), dtype=torch.int64)
+
+
+def _audio_progress(enabled: bool):
+    """A progress bar over seconds of audio, on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} s of audio"), TimeRemainingColumn(),
+        console=Console(stderr=True), disable=not enabled,
+    )  # fmt: skip
 
 
 def _compare(args) -> int:
@@ -708,6 +842,10 @@ def _bench(args) -> int:
     for key, value in report["summary"].items():
         if key.startswith("W3/") and "identical_transcripts" in value:
             print(f"{key}: {value['identical_transcripts']}/{value['clips']} identical transcripts")
+        if key.startswith("W7/") and "real_time_factor" in value:  # long-form: speed against audio, and accuracy
+            same = value.get("identical_tokens_and_timestamps")
+            same = "" if same is None else f", tokens and timestamps as HF's on {same}/{value['recordings']}"
+            print(f"{key}: real-time factor {value['real_time_factor']:.3f}, WER {value['wer']:.1%}{same}")
     for engine, reason in report["skipped"].items():
         print(f"skipped {engine}: {reason}")
     return 0

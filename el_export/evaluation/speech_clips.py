@@ -3,7 +3,8 @@
 Real work has outputs of varied lengths; these clips (0.5 to 12 s, from two words to 35) make a batch whose
 transcripts end at very different steps, with text we wrote ourselves (no data set to fetch, no licence to
 check). They are made once into a directory and reused: `clips.json` records the sha256 of the sentences (all
-clips are made again when they change) and of each clip (a clip whose bytes changed is made again).
+clips are made again when they change) and of each clip (a clip whose bytes changed is made again). W7's long
+recordings (long_speech.py) are spoken and cached by the same functions.
 """
 
 import hashlib
@@ -11,6 +12,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,22 +59,32 @@ def build_clips(directory: Path, sentences: tuple[str, ...] = SENTENCES) -> list
     Raises:
         InputError: espeak-ng is not installed, fails, or speaks a sentence outside 0.5-12 s.
     """
+    return build_cached(directory, sentences, _write_clip)
+
+
+def build_cached(directory: Path, texts: tuple, write: Callable) -> list[Path]:
+    """`write(text, path)` for each of `texts` into `directory` (00.wav, 01.wav, ...), only where the file is missing,
+    its bytes changed, or it was made from other texts; files of texts no longer listed are removed.
+
+    `texts` are JSON values (a sentence, a recording's paragraphs and pauses): the record holds the sha256 of all of
+    them and of each file made.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     record_path = directory / RECORD
-    key = _sentences_sha256(sentences)
+    key = _texts_sha256(texts)
     record = _read_record(record_path)
-    if record.get("sentences_sha256") != key:
-        record = {"sentences_sha256": key, "sentences": list(sentences), "clips": {}}
-    clips = [directory / f"{i:02d}.wav" for i in range(len(sentences))]
-    for clip, text in zip(clips, sentences, strict=True):
-        if not clip.is_file() or sha256(clip) != record["clips"].get(clip.name):
-            _speak(text, clip)
-            record["clips"][clip.name] = sha256(clip)
-    for stale in set(directory.glob("*.wav")) - set(clips):  # clips of sentences no longer in the list
+    if record.get("texts_sha256") != key:
+        record = {"texts_sha256": key, "texts": list(texts), "files": {}}
+    files = [directory / f"{i:02d}.wav" for i in range(len(texts))]
+    for path, text in zip(files, texts, strict=True):
+        if not path.is_file() or sha256(path) != record["files"].get(path.name):
+            write(text, path)
+            record["files"][path.name] = sha256(path)
+    for stale in set(directory.glob("*.wav")) - set(files):  # files of texts no longer in the list
         stale.unlink()
-    record["clips"] = {clip.name: record["clips"][clip.name] for clip in clips}
+    record["files"] = {path.name: record["files"][path.name] for path in files}
     record_path.write_text(json.dumps(record, indent=1))
-    return clips
+    return files
 
 
 def clip_seconds(clip: Path) -> float:
@@ -81,47 +93,63 @@ def clip_seconds(clip: Path) -> float:
     return soundfile.info(str(clip)).duration
 
 
-def _sentences_sha256(sentences: tuple[str, ...]) -> str:
-    """Of the sentences and the format they are written in: either changed, every clip is made again."""
-    return hashlib.sha256(json.dumps([SAMPLING_RATE, "PCM_16", *sentences]).encode()).hexdigest()
+def speak(text: str, scratch: Path) -> np.ndarray:
+    """espeak-ng's 22050 Hz speech of `text`, resampled to 16 kHz mono float32 in [-1, 1]; `scratch` holds its WAV.
 
-
-def _read_record(path: Path) -> dict:
-    """The record of the clips made before; {} when there is none or it is unreadable (all are made again)."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) and isinstance(record.get("clips"), dict) else {}
-
-
-def _speak(text: str, clip: Path) -> None:
-    """espeak-ng's 22050 Hz speech of `text` -> `clip`, resampled to 16 kHz mono 16-bit, its duration checked.
-    Written beside the clip and renamed over it, so an interrupted run leaves no half clip."""
+    Raises:
+        InputError: espeak-ng is not installed, fails, or writes no readable WAV.
+    """
     import soundfile
 
     from el_export.runtime.audio import mono_waveform, resample
 
     espeak = shutil.which("espeak-ng")
     if espeak is None:
-        raise InputError(f"espeak-ng is not installed; W5 speaks its clips with it: {INSTALL}")
+        raise InputError(f"espeak-ng is not installed; the bench speaks its recordings with it: {INSTALL}")
+    spoken = scratch / "espeak.wav"
+    result = subprocess.run([espeak, "-v", "en-us", "-w", str(spoken), "--stdin"], input=text, capture_output=True,
+                            text=True)  # fmt: skip
+    if result.returncode != 0 or not spoken.is_file():
+        raise InputError(f"espeak-ng failed on {text[:80]!r} ({(result.stderr.strip() or 'no output')[:200]}); "
+                         f"reinstall it: {INSTALL}")  # fmt: skip
+    try:
+        samples, rate = soundfile.read(str(spoken), dtype="float32", always_2d=True)
+    except soundfile.LibsndfileError as e:
+        raise InputError(f"espeak-ng wrote no readable WAV for {text[:80]!r} ({first_line(e)}); reinstall it: "
+                         f"{INSTALL}") from None  # fmt: skip
+    waveform = mono_waveform(samples.mean(axis=1), f"espeak-ng's speech of {text[:80]!r}")
+    return np.clip(resample(waveform, rate, SAMPLING_RATE), -1.0, 1.0)
+
+
+def write_wav(waveform: np.ndarray, path: Path) -> None:
+    """16 kHz mono 16-bit, written beside `path` and renamed over it, so an interrupted run leaves no half file."""
+    import soundfile
+
+    written = path.with_name(f".{path.name}.partial")
+    soundfile.write(str(written), waveform, SAMPLING_RATE, subtype="PCM_16", format="WAV")
+    written.replace(path)
+
+
+def _texts_sha256(texts: tuple) -> str:
+    """Of the texts and the format they are written in: either changed, every file is made again."""
+    return hashlib.sha256(json.dumps([SAMPLING_RATE, "PCM_16", *texts]).encode()).hexdigest()
+
+
+def _read_record(path: Path) -> dict:
+    """The record of the files made before; {} when there is none or it is unreadable (all are made again)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else {}
+
+
+def _write_clip(text: str, clip: Path) -> None:
+    """`text` spoken into `clip`, its duration checked against W5's range."""
     with tempfile.TemporaryDirectory(dir=clip.parent, prefix=".speak-") as scratch:
-        spoken, written = Path(scratch) / "espeak.wav", Path(scratch) / clip.name
-        result = subprocess.run([espeak, "-v", "en-us", "-w", str(spoken), "--stdin"], input=text,
-                                capture_output=True, text=True)  # fmt: skip
-        if result.returncode != 0 or not spoken.is_file():
-            raise InputError(f"espeak-ng failed on {text!r} ({(result.stderr.strip() or 'no output')[:200]}); "
-                             f"reinstall it: {INSTALL}")  # fmt: skip
-        try:
-            samples, rate = soundfile.read(str(spoken), dtype="float32", always_2d=True)
-        except soundfile.LibsndfileError as e:
-            raise InputError(f"espeak-ng wrote no readable WAV for {text!r} ({first_line(e)}); reinstall it: "
-                             f"{INSTALL}") from None  # fmt: skip
-        waveform = mono_waveform(samples.mean(axis=1), f"espeak-ng's speech of {text!r}")
-        waveform = np.clip(resample(waveform, rate, SAMPLING_RATE), -1.0, 1.0)
-        seconds = waveform.size / SAMPLING_RATE
-        if not SHORTEST_S <= seconds <= LONGEST_S:
-            raise InputError(f"espeak-ng speaks {text!r} in {seconds:.2f} s, outside W5's {SHORTEST_S}-{LONGEST_S} s; "
-                             "shorten or lengthen the sentence")  # fmt: skip
-        soundfile.write(str(written), waveform, SAMPLING_RATE, subtype="PCM_16")
-        written.replace(clip)
+        waveform = speak(text, Path(scratch))
+    seconds = waveform.size / SAMPLING_RATE
+    if not SHORTEST_S <= seconds <= LONGEST_S:
+        raise InputError(f"espeak-ng speaks {text!r} in {seconds:.2f} s, outside W5's {SHORTEST_S}-{LONGEST_S} s; "
+                         "shorten or lengthen the sentence")  # fmt: skip
+    write_wav(waveform, clip)

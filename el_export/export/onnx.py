@@ -18,7 +18,7 @@ from torch.export import Dim
 from el_export import __version__, logs
 from el_export.contract.files import file_entries, write_manifest, writing_bundle
 from el_export.contract.manifest import GraphEntry, Manifest
-from el_export.errors import ExportError, InvalidArgumentError, first_line
+from el_export.errors import CheckpointError, ExportError, InvalidArgumentError, first_line
 from el_export.export.graphs import float_dtype, graphs_for, sample_inputs
 from el_export.families import build_from_hf, cast
 from el_export.model.models import MODES
@@ -287,7 +287,19 @@ def describe(hf_model, graphs: list, family) -> Manifest:
         special_tokens=_special_tokens(hf_model),
         generation_defaults=_generation_defaults(hf_model),
         files={},
+        alignment=_alignment(hf_model, model.spec),
     )
+
+
+def _alignment(hf_model, spec) -> dict:
+    """The manifest's `alignment`: the heads the decoder step's alignment output holds, and HF's median filter width
+    (WhisperConfig's default where a config has none)."""
+    if not spec.alignment_heads:
+        return {}
+    width = getattr(hf_model.config, "median_filter_width", 7)
+    if type(width) is not int or width < 1 or width % 2 == 0:
+        raise CheckpointError(f"config.json sets median_filter_width {width!r}; it must be an odd positive integer")
+    return {"heads": [list(p) for p in spec.alignment_heads], "median_filter_width": width}
 
 
 def _dims(spec) -> dict:

@@ -5,12 +5,13 @@ refused with the reason; one that is merely not implemented is refused with the 
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from el_export.errors import CheckpointError, UnsupportedModelError
+from el_export.model.models import alignment_heads
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,9 @@ def build_from_hf(hf_model: nn.Module) -> tuple[nn.Module, Family]:
     """
     family = family_for(hf_model.config)
     spec = family.spec_from_config(hf_model.config)
+    heads = getattr(getattr(hf_model, "generation_config", None), "alignment_heads", None)
+    if heads is not None:  # Whisper's word timestamps read these heads' cross-attention
+        spec = replace(spec, alignment_heads=alignment_heads(heads))
     with torch.device(next(hf_model.parameters()).device):  # initialise where the weights already are
         model = family.build(spec)
     source = hf_model.state_dict()

@@ -50,12 +50,20 @@ class MultiHeadAttention(nn.Module):
 
     def attend_kv(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
         """Queries x [N, T, d] against K, V [N, h, S, dh]; bias broadcasts to [N, h, T, S]."""
-        N, T, _ = x.shape
+        return self.kv_output(self.probabilities(x, k, bias), v)
+
+    def probabilities(self, x: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Attention probabilities [N, h, T, S] of queries x [N, T, d] over keys K [N, h, S, dh]."""
         q = self.split_heads(self.q_proj(x)) * self.scale  # [N, h, T, dh]
         scores = q @ k.transpose(-1, -2)  # [N, h, T, S]
         if bias is not None:
             scores = scores + bias
-        out = torch.softmax(scores, dim=-1) @ v  # [N, h, T, dh]
+        return torch.softmax(scores, dim=-1)
+
+    def kv_output(self, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Probabilities [N, h, T, S] applied to V [N, h, S, dh] -> [N, T, d]."""
+        N, _, T, _ = p.shape
+        out = p @ v  # [N, h, T, dh]
         return self.out_proj(out.transpose(1, 2).reshape(N, T, -1))
 
     # ---- EL path: expanded queries against the memory itself ---------------------------------
@@ -101,6 +109,11 @@ def el_attend(
     Returns:
         context [N, Q, d]: probability-weighted sums of memory rows, before W_v.
     """
+    return el_context(el_probabilities(q_exp, shared, shared_bias, rows, rows_bias), shared, rows)
+
+
+def el_probabilities(q_exp, shared=None, shared_bias=None, rows=None, rows_bias=None) -> torch.Tensor:
+    """`el_attend`'s attention probabilities [N, Q, S + R]: the shared memory's columns first, then the rows'."""
     N, Q, d = q_exp.shape
     scores = []
     if shared is not None:
@@ -114,11 +127,16 @@ def el_attend(
         if rows_bias is not None:
             r = r + rows_bias
         scores.append(r)
-    p = torch.softmax(torch.cat(scores, dim=-1) if len(scores) > 1 else scores[0], dim=-1)
+    return torch.softmax(torch.cat(scores, dim=-1) if len(scores) > 1 else scores[0], dim=-1)
+
+
+def el_context(p: torch.Tensor, shared: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`el_attend`'s weighted sums [N, Q, d] of the memories under probabilities p [N, Q, S + R]."""
+    N, Q, _ = p.shape
     context = None
     if shared is not None:
-        S = shared.shape[1]
-        p_shared = p[..., :S].reshape(shared.shape[0], -1, S)  # [B, k*Q, S]
+        B, S, d = shared.shape
+        p_shared = p[..., :S].reshape(B, -1, S)  # [B, k*Q, S]
         context = (p_shared @ shared).reshape(N, Q, d)
     if rows is not None:
         p_rows = p[..., p.shape[-1] - rows.shape[1] :]  # [N, Q, R]

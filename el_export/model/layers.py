@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from el_export.errors import UnsupportedModelError
-from el_export.model.attention import MultiHeadAttention, el_attend
+from el_export.model.attention import MultiHeadAttention, el_attend, el_context, el_probabilities
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -147,7 +147,9 @@ class DecoderLayer(_Residual):
             self.encoder_attn = _attention(spec)
             self.encoder_attn_layer_norm = make_norm(spec)
 
-    def forward_el(self, x, extend, self_bias, memory=None, memory_bias=None, shared=None, shared_bias=None):
+    def forward_el(
+        self, x, extend, self_bias, memory=None, memory_bias=None, shared=None, shared_bias=None, cross_probs=None
+    ):
         """EL mode: caches the self-attention input, reads the encoder output H itself.
 
         x [N, T, d]. `extend` takes this step's cache rows a [N, T, d] (the self-attention input,
@@ -155,7 +157,8 @@ class DecoderLayer(_Residual):
         [N or 1, h or 1, T, R]. memory [B, S, d] is the encoder output, read once per input by its k = N/B
         rows (memory_bias [B, 1, S]); `shared` [B, P, d] is a decoder-only prompt's self-attention
         input, attended to with the per-row keys under one softmax (shared_bias [B, 1, P]).
-        Returns x [N, T, d].
+        `cross_probs`, a list, receives this layer's cross-attention probabilities [N, T, h, S] (word timestamps
+        read them). Returns x [N, T, d].
         """
         T = x.shape[1]
         norm, attn = self.self_attn_layer_norm, self.self_attn
@@ -169,16 +172,18 @@ class DecoderLayer(_Residual):
         if memory is not None:
             norm, attn = self.encoder_attn_layer_norm, self.encoder_attn
             c = self.sublayer_input(norm, x)
-            ctx = el_attend(attn.expand_query(c), shared=memory, shared_bias=memory_bias)
-            x = self.residual(norm, x, attn.el_output(ctx, T))
+            p = el_probabilities(attn.expand_query(c), shared=memory, shared_bias=memory_bias)  # [N, T*h, S]
+            if cross_probs is not None:
+                cross_probs.append(p.view(p.shape[0], T, attn.n_heads, -1))
+            x = self.residual(norm, x, attn.el_output(el_context(p, shared=memory), T))
         return self.feed_forward(x)
 
-    def forward_kv(self, x, extend, self_bias, cross_k=None, cross_v=None, memory_bias=None):
+    def forward_kv(self, x, extend, self_bias, cross_k=None, cross_v=None, memory_bias=None, cross_probs=None):
         """Standard mode (HF/Optimum): per-row K/V caches; cross K/V [N, h, S, dh] per row.
 
         `extend` takes this step's self-attention input a [N, T, d] and its K and V [N, h, T, dh], and
         returns all keys and values attended to, each [N, h, R, dh]; self_bias broadcastable to
-        [N, h, T, R]. Returns x [N, T, d].
+        [N, h, T, R]. `cross_probs` as in `forward_el`. Returns x [N, T, d].
         """
         norm, attn = self.self_attn_layer_norm, self.self_attn
         a = self.sublayer_input(norm, x)
@@ -187,5 +192,8 @@ class DecoderLayer(_Residual):
         if cross_k is not None:
             norm = self.encoder_attn_layer_norm
             c = self.sublayer_input(norm, x)
-            x = self.residual(norm, x, self.encoder_attn.attend_kv(c, cross_k, cross_v, memory_bias))
+            p = self.encoder_attn.probabilities(c, cross_k, memory_bias)  # [N, h, T, S]
+            if cross_probs is not None:
+                cross_probs.append(p.transpose(1, 2))
+            x = self.residual(norm, x, self.encoder_attn.kv_output(p, cross_v))
         return self.feed_forward(x)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from el_export.errors import CheckpointError
 from el_export.model.attention import additive_mask
 from el_export.model.layers import DecoderLayer, EncoderLayer, LayerSpec, make_norm
 from el_export.model.positions import RelativePositionBias
@@ -51,6 +52,18 @@ class ModelSpec:
     logits_scale: float = 1.0  # T5 with tied embeddings scales the decoder output by d_model**-0.5
     n_mels: int = 0  # > 0: an audio encoder (Whisper) reading log-mel features instead of token ids
     encoder_positions: int | None = None  # the audio encoder's frames after its stride-2 conv (1500)
+    # (layer, head) pairs of cross-attention that follows the source in time (Whisper's word timestamps read them)
+    alignment_heads: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self):
+        if self.alignment_heads and self.encoder is None:
+            raise CheckpointError("alignment_heads name cross-attention heads, which a decoder-only model has none of")
+        L, h = self.decoder_layers, self.decoder.n_heads
+        if bad := [list(p) for p in self.alignment_heads if not (0 <= p[0] < L and 0 <= p[1] < h)]:
+            raise CheckpointError(
+                f"generation_config.json alignment_heads names {bad[0]}, but the decoder has {L} layers of {h} "
+                "heads; fix alignment_heads in generation_config.json"
+            )
 
     @property
     def d_model(self) -> int:
@@ -177,19 +190,55 @@ class _LM(nn.Module):
         query_index = torch.arange(T, device=like.device) + past_mask.shape[1]  # [T]
         return self.decoder.self_bias(with_new_tokens(past_mask, T), query_index, like)
 
-    def _run_el(self, x, extend, self_bias, memory=None, memory_bias=None, shared=None, shared_bias=None):
-        """shared: [L, B, P, d], a decoder-only prompt's per-layer self-attention inputs."""
+    def _run_el(
+        self, x, extend, self_bias, memory=None, memory_bias=None, shared=None, shared_bias=None, cross_probs=None
+    ):
+        """shared: [L, B, P, d], a decoder-only prompt's per-layer self-attention inputs. cross_probs: a list that
+        receives each layer's cross-attention probabilities [N, T, h, S]."""
         for i, layer in enumerate(self.decoder.layers):
             prompt = None if shared is None else shared[i]
-            x = layer.forward_el(x, extend(i), self_bias, memory, memory_bias, prompt, shared_bias)
+            x = layer.forward_el(x, extend(i), self_bias, memory, memory_bias, prompt, shared_bias, cross_probs)
         return self.logits(x)
 
-    def _run_kv(self, x, extend, self_bias, cross_kv=None, memory_bias=None):
-        """cross_kv: [K_0, V_0, K_1, V_1, ...], each [N, h, S, dh]."""
+    def _run_kv(self, x, extend, self_bias, cross_kv=None, memory_bias=None, cross_probs=None):
+        """cross_kv: [K_0, V_0, K_1, V_1, ...], each [N, h, S, dh]; cross_probs as in `_run_el`."""
         for i, layer in enumerate(self.decoder.layers):
             cross = (cross_kv[2 * i], cross_kv[2 * i + 1]) if cross_kv is not None else (None, None)
-            x = layer.forward_kv(x, extend(i), self_bias, *cross, memory_bias)
+            x = layer.forward_kv(x, extend(i), self_bias, *cross, memory_bias, cross_probs)
         return self.logits(x)
+
+
+def alignment_heads(value) -> tuple[tuple[int, int], ...]:
+    """A generation config's `alignment_heads` ([[layer, head], ...]) as `ModelSpec` holds them (an empty list: none).
+
+    Raises:
+        CheckpointError: not a list of [layer, head] integer pairs.
+    """
+    pairs = value if isinstance(value, list | tuple) else [value]
+    if not all(isinstance(p, list | tuple) and len(p) == 2 and all(type(i) is int for i in p)
+                            for p in pairs):  # fmt: skip
+        raise CheckpointError(
+            f"generation_config.json alignment_heads is {str(value)[:60]}; expected [[layer, head], ...] integers"
+        )
+    return tuple((layer, head) for layer, head in pairs)
+
+
+def alignment_attention(cross_probs: list[torch.Tensor], heads: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Per-layer cross-attention probabilities [N, T, h, S] -> the last position's, of `heads` only [N, A, S].
+
+    One gather per layer (not per head): the graph's cost is its node count, the data is a few kB."""
+    layers = sorted({layer for layer, _ in heads})
+    grouped = [(layer, head) for layer in layers for layer_, head in heads if layer_ == layer]
+    device = cross_probs[0].device
+    picked = [
+        cross_probs[layer][:, -1].index_select(
+            1, torch.tensor([h for layer_, h in grouped if layer_ == layer], device=device)
+        )
+        for layer in layers
+    ]  # each [N, A_layer, S]
+    out = torch.cat(picked, dim=1) if len(picked) > 1 else picked[0]  # [N, A, S], heads grouped by layer
+    order = [grouped.index(pair) for pair in heads]
+    return out if order == sorted(order) else out.index_select(1, torch.tensor(order, device=device))
 
 
 def with_new_tokens(past_mask: torch.Tensor, T: int) -> torch.Tensor:
@@ -280,16 +329,18 @@ class Seq2SeqLM(_LM):
         x = self.decoder.embed(input_ids, positions)
         return x, self.decoder.self_bias(key_mask, position, x)
 
-    def step_el(self, input_ids, memory, memory_mask, past_mask, past_hidden):
+    def step_el(self, input_ids, memory, memory_mask, past_mask, past_hidden, cross_probs=None):
         """EL decoder step.
 
         input_ids [N, T]; memory [B, S, d] (one copy per input, N = B*k); memory_mask [B, S]; past_mask [N, t];
         past_hidden: per layer [N, t, d] -> (logits [N, V], present_hidden: per layer [N, t+T, d]).
+        cross_probs: a list that receives each layer's cross-attention probabilities [N, T, h, S].
         """
         present = []
         x, self_bias = self._growing_start(input_ids, past_mask)
         memory_bias = additive_mask(memory_mask, x.dtype)[:, None, :]  # [B, 1, S]
-        logits = self._run_el(x, _growing_el(past_hidden, present), self_bias, memory=memory, memory_bias=memory_bias)
+        extend = _growing_el(past_hidden, present)
+        logits = self._run_el(x, extend, self_bias, memory=memory, memory_bias=memory_bias, cross_probs=cross_probs)
         return logits, present
 
     def step_el_static(self, input_ids, memory, memory_mask, cache, position, key_mask, positions):
@@ -299,17 +350,17 @@ class Seq2SeqLM(_LM):
         memory_bias = additive_mask(memory_mask, x.dtype)[:, None, :]
         return self._run_el(x, _static_el(cache, position), self_bias, memory=memory, memory_bias=memory_bias)
 
-    def step_kv(self, input_ids, cross_kv, memory_mask, past_mask, past_kv):
+    def step_kv(self, input_ids, cross_kv, memory_mask, past_mask, past_kv, cross_probs=None):
         """Standard (HF/Optimum) decoder step.
 
         input_ids [N, T]; cross_kv [K_0, V_0, ...] each [N, h, S, dh] (repeated per row); memory_mask [N, S];
         past_mask [N, t]; past_kv [K_0, V_0, ...] each [N, h, t, dh] -> (logits [N, V], present_kv: each
-        [N, h, t+T, dh]).
+        [N, h, t+T, dh]). cross_probs as in `step_el`.
         """
         present = []
         x, self_bias = self._growing_start(input_ids, past_mask)
         memory_bias = additive_mask(memory_mask, x.dtype)[:, None, None, :]  # [N, 1, 1, S]
-        logits = self._run_kv(x, _growing_kv(past_kv, present), self_bias, cross_kv, memory_bias)
+        logits = self._run_kv(x, _growing_kv(past_kv, present), self_bias, cross_kv, memory_bias, cross_probs)
         return logits, present
 
     def step_kv_static(self, input_ids, cross_kv, memory_mask, cache, position, key_mask, positions):

@@ -8,6 +8,7 @@ is resampled to the model's (`resample`), where HF's feature extractor refuses i
 
 import io
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,15 +40,46 @@ class FeatureSpec:
         return dict(vars(self))
 
 
-def load_audio(source: str | Path | bytes, sampling_rate: int, max_seconds: float | None = None) -> np.ndarray:
+def load_audio(
+    source: str | Path | bytes, sampling_rate: int, max_seconds: float | None = None, limit: str | None = None
+) -> np.ndarray:
     """A WAV or FLAC file (its path, or its bytes) -> mono float32 samples at `sampling_rate`: a file at another
     rate is resampled (`resample`), with a one-line note on stderr (a warning of the `el_export.runtime.audio`
     logger: Python prints it when no logging is set up; pytest captures it).
 
     Raises:
         InputError: a missing, unreadable, truncated or empty file, one of another format; one to resample that
-            is longer than `max_seconds` or holds NaN or infinite samples (checked before resampling).
+            is longer than `max_seconds` (at any rate; `limit` says why, as `too_long`); one to resample that holds
+            NaN or infinite samples (checked before resampling).
     """
+    with _sound_file(source, sampling_rate) as (name, sound):
+        # checked from the header, before reading: a 1 Hz header would resample to gigabytes
+        if max_seconds is not None and sound.frames > max_seconds * sound.samplerate:
+            raise too_long(name, sound.frames, sound.samplerate, max_seconds, limit)
+        samples, rate = sound.read(dtype="float32", always_2d=True), sound.samplerate
+    samples = samples.mean(axis=1)  # mono
+    if rate == sampling_rate:
+        return samples
+    samples = mono_waveform(samples, name)  # NaN would spread through the filter: count the file's own
+    _log.warning("el-export: note: %s resampled from %d Hz to %d Hz", name, rate, sampling_rate)
+    return resample(samples, rate, sampling_rate)
+
+
+def audio_seconds(path: str | Path, sampling_rate: int) -> float:
+    """The duration of a WAV or FLAC file, from its header alone: many files checked, and a progress bar sized,
+    before any is decoded. `sampling_rate` (the model's) only shapes the advice for a RAW file.
+
+    Raises:
+        InputError: what `load_audio` refuses that a header shows (missing, not a file, RAW, another format).
+    """
+    with _sound_file(path, sampling_rate) as (_, sound):
+        return sound.frames / sound.samplerate
+
+
+@contextmanager
+def _sound_file(source: str | Path | bytes, sampling_rate: int):
+    """(name, open soundfile.SoundFile) of a WAV or FLAC path or bytes; libsndfile's errors in the block (an
+    unreadable, empty or truncated file) become InputError."""
     import soundfile
 
     if isinstance(source, bytes):
@@ -68,17 +100,9 @@ def load_audio(source: str | Path | bytes, sampling_rate: int, max_seconds: floa
         with soundfile.SoundFile(file) as sound:
             if sound.format not in FORMATS:
                 raise InputError(f"audio {name} is {sound.format}; give {ACCEPTED}")
-            samples, rate = sound.read(dtype="float32", always_2d=True), sound.samplerate
+            yield name, sound
     except soundfile.LibsndfileError as e:  # not audio, empty, truncated
         raise InputError(f"cannot read audio {name} ({first_line(e)}); give {ACCEPTED}") from None
-    samples = samples.mean(axis=1)  # mono
-    if rate == sampling_rate:
-        return samples
-    if max_seconds is not None and samples.size > max_seconds * rate:  # a 1 Hz header would resample to gigabytes
-        raise too_long(name, samples.size, rate, max_seconds)
-    samples = mono_waveform(samples, name)  # NaN would spread through the filter: count the file's own
-    _log.warning("el-export: note: %s resampled from %d Hz to %d Hz", name, rate, sampling_rate)
-    return resample(samples, rate, sampling_rate)
 
 
 def resample(samples: np.ndarray, rate: int, sampling_rate: int) -> np.ndarray:
@@ -108,12 +132,11 @@ def mono_waveform(audio, name: str) -> np.ndarray:
     return audio
 
 
-def too_long(name: str, samples: int, rate: int, max_seconds: float) -> InputError:
-    """The refusal of audio past the model's chunk, its duration shown to the first decimal that is past it."""
-    return InputError(
-        f"{name} is {_seconds_over(samples / rate, max_seconds)} s; the model transcribes up to {max_seconds} s at "
-        "once: split it"
-    )
+def too_long(name: str, samples: int, rate: int, max_seconds: float, limit: str | None = None) -> InputError:
+    """The refusal of audio past `max_seconds`, its duration shown to the first decimal that is past it; `limit`
+    says what the limit is (default: the model's chunk)."""
+    limit = limit or f"the model transcribes up to {max_seconds} s at once"
+    return InputError(f"{name} is {_seconds_over(samples / rate, max_seconds)} s; {limit}: split it")
 
 
 def log_mel(
@@ -133,7 +156,21 @@ def log_mel(
         if audio.size > spec.n_samples:
             raise too_long(name, audio.size, spec.sampling_rate, spec.chunk_length)
         batch[i, : audio.size] = audio
-    waveform = torch.from_numpy(batch)
+    return _log_mel(torch.from_numpy(batch), spec, mel_filters)
+
+
+def log_mel_whole(audio: np.ndarray, spec: FeatureSpec, mel_filters: torch.Tensor, name: str) -> torch.Tensor:
+    """One recording of any length -> float32 features [n_mels, samples // hop_length], computed over the recording
+    as it is (no padding, one peak): what HF's feature extractor gives long-form generation (`truncation=False`).
+
+    Raises:
+        InputError: an empty waveform, or one with NaN or infinite samples.
+    """
+    return _log_mel(torch.from_numpy(mono_waveform(audio, name))[None], spec, mel_filters)[0]
+
+
+def _log_mel(waveform: torch.Tensor, spec: FeatureSpec, mel_filters: torch.Tensor) -> torch.Tensor:
+    """float32 [B, samples] -> [B, n_mels, samples // hop_length], `WhisperFeatureExtractor`'s torch path."""
     window = torch.hann_window(spec.n_fft)
     stft = torch.stft(waveform, spec.n_fft, spec.hop_length, window=window, return_complex=True)
     magnitudes = (stft[..., :-1].abs() ** 2).contiguous()  # the last frame is dropped, as in HF

@@ -83,7 +83,9 @@ class GraphDecoder:
     def inputs(self) -> int:
         return self.rows // self.k
 
-    def start(self, prompt_ids: torch.Tensor, rows_per_input: int) -> torch.Tensor:
+    def start(
+        self, prompt_ids: torch.Tensor, rows_per_input: int, prompt_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         k = self.k = rows_per_input
         B = prompt_ids.shape[0]
         device = self.backend.device
@@ -102,11 +104,18 @@ class GraphDecoder:
         if "logits" in context:  # the prompt already ran (decoder-only prefill)
             return context["logits"].repeat_interleave(k, dim=0)
         rows = prompt_ids.to(device).repeat_interleave(k, dim=0)  # [N, P]
+        real = None if prompt_mask is None else prompt_mask.to(device).repeat_interleave(k, dim=0)
         for p in range(rows.shape[1]):
             logits = self.step(rows[:, p : p + 1])
+            if real is not None:  # a padding token's entry is never attended; positions count real entries
+                self.state["past_mask"][:, -1] = real[:, p]
         return logits
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.step_outputs(input_ids)["logits"]
+
+    def step_outputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`step`, returning every output of the graph (word timestamps read the alignment heads' attention)."""
         outputs = self.backend.run("decoder_step", {"input_ids": input_ids, **self.state})
         for name in self.state:
             if is_row_cache(name):
@@ -114,7 +123,7 @@ class GraphDecoder:
         self.state["past_mask"] = F.pad(self.state["past_mask"], (0, 1), value=1)  # the new token is real
         if "position_ids" in self.state:
             self.state["position_ids"] = self.state["position_ids"] + 1
-        return outputs["logits"]
+        return outputs
 
     def cache_bytes(self) -> int:
         """Bytes of the cache the next step reads: self-attention caches, cross K/V or the encoder output (a

@@ -3,7 +3,7 @@
 import json
 import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +12,10 @@ import torch
 from el_export.contract.files import read_file, read_manifest
 from el_export.contract.manifest import Manifest
 from el_export.errors import BundleError, InputError, InvalidArgumentError, ResourceError, first_line
-from el_export.runtime import make_backend, memory, speech
+from el_export.runtime import alignment, longform, make_backend, memory, speech
 from el_export.runtime.scheduler import Admission, Request, Scheduler
 from el_export.runtime.tokenizer import Tokenizer
+from el_export.runtime.transcripts import Segment, Transcript
 from el_export.search import SearchOutput, resolve_options
 from el_export.search.options import merge_generation_config
 from el_export.search.search import check_streamer
@@ -129,10 +130,16 @@ class Generator:
                 replace the bundle's defaults, and kwargs override it, as in HF.
             streamer: greedy search and sampling: `put(prompt ids [N, P])` once, `put(new tokens [N])` each
                 step, then `end()`, as HF calls a `TextStreamer`.
-            **kwargs: HF generation arguments (num_beams, max_new_tokens, length_penalty, ...).
+            **kwargs: HF generation arguments (num_beams, max_new_tokens, length_penalty, ...). Whisper also
+                takes those of HF's Whisper `generate` (`return_timestamps`, `condition_on_prev_tokens`,
+                `temperature` as a fallback schedule, `compression_ratio_threshold`, `logprob_threshold`,
+                `no_speech_threshold`, `prompt_ids`, `prompt_condition_type`, `return_token_timestamps`,
+                `return_segments`, `monitor_progress`; `attention_mask` is the frame mask of long input_features):
+                audio longer than 30 s, or any of these, runs HF's long-form loop (see `longform.py`).
 
         Returns:
-            SearchOutput with `.sequences`, `.sequences_scores` (beam search), `.scores`, `.beam_indices`.
+            SearchOutput with `.sequences`, `.sequences_scores` (beam search), `.scores`, `.beam_indices`; from
+            Whisper's long-form loop, a `LongFormOutput` (`.sequences`, `.segments`, `.token_timestamps`).
 
         Raises:
             InputError: empty input, token ids outside the vocabulary, too long for the model, non-finite audio.
@@ -141,12 +148,69 @@ class Generator:
                 with output_scores or a streamer, the whole batch at once).
         """
         with self.backend.generating():
+            if self.manifest.audio:
+                call = _Call(merge_generation_config(self._defaults(), generation_config), kwargs, streamer)
+                speech_call = self._speech(call, input_features, audio, sampling_rate, attention_mask, language, task)
+                if isinstance(speech_call, longform.LongForm):
+                    return speech_call.run(self.scheduler())
+                return self._run([speech_call])[0]
             request = self.request(
                 input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                 input_features=input_features, audio=audio, language=language, task=task,
                 sampling_rate=sampling_rate, generation_config=generation_config, streamer=streamer, **kwargs,
             )  # fmt: skip
             return self._run([request])[0]
+
+    def transcribe(self, audio, *, word_timestamps: bool = False, on_progress=None, **kwargs) -> list[Transcript]:
+        """Whisper: recordings of any length in, their transcripts out (text, timed segments, and with
+        `word_timestamps` the words of each segment), by HF's long-form loop with timestamps.
+
+        Args:
+            audio: WAV/FLAC paths or mono float arrays (one, or a list).
+            word_timestamps: time each word (the alignment heads' attention and DTW, as faster-whisper groups words).
+            on_progress: called as (seconds transcribed, seconds in all) after each round of windows.
+            **kwargs: as `generate` (num_beams, condition_on_prev_tokens, temperature, thresholds, language, ...).
+
+        Raises:
+            as `generate`.
+        """
+        if not self.manifest.audio:
+            raise InvalidArgumentError("transcribe() is for speech models; use generate_text() for text")
+        if self.tokenizer is None:
+            raise InvalidArgumentError("this bundle has no tokenizer (none was exported): transcripts need one")
+        monitor = None
+        if on_progress is not None:
+            def monitor(progress: torch.Tensor) -> None:  # [B, 2]: seek, frames; frames of 10 ms
+                seek, frames = progress[:, 0].clamp(max=progress[:, 1]), progress[:, 1]
+                on_progress(float(seek.sum()) * longform.TIME_PRECISION_FEATURES,
+                            float(frames.sum()) * longform.TIME_PRECISION_FEATURES)  # fmt: skip
+        output = self.generate(audio=audio, return_timestamps=True, return_segments=True,
+                               return_token_timestamps=word_timestamps, monitor_progress=monitor, **kwargs)  # fmt: skip
+        return [self._transcript(segments, duration, kwargs.get("language"))
+                for segments, duration in zip(output.segments, output.durations, strict=True)]  # fmt: skip
+
+    def _transcript(self, segments: list[dict], duration: float, language) -> Transcript:
+        eos = self.manifest.special_tokens["eos_token_id"]
+        timed = []
+        for i, s in enumerate(segments):
+            words = None
+            if "token_timestamps" in s:
+                words = tuple(alignment.words(self.tokenizer, s["tokens"], s["token_timestamps"], eos))
+            timed.append(Segment(i, round(s["start"], 3), round(s["end"], 3), s.get("text", ""),
+                                 tuple(s["tokens"].tolist()), words))  # fmt: skip
+        return Transcript("".join(s.text for s in timed), tuple(timed), duration, language)
+
+    @property
+    def can_align(self) -> bool:
+        """Whether the bundle exports its alignment heads' attention (word timestamps)."""
+        return bool(self.manifest.alignment)
+
+    def token_timestamps(self, context: dict, ids: torch.Tensor, prompt_length: int, num_frames) -> torch.Tensor:
+        """float32 [T]: HF's token times (seconds from the window's start) of one sequence `ids` [T] of a window
+        whose encoder outputs are `context` (batch 1)."""
+        weights = alignment.alignment_weights(self.backend, context, ids.to(self.backend.device))
+        width = self.manifest.alignment["median_filter_width"]
+        return alignment.token_timestamps(weights, prompt_length, num_frames, width)
 
     def generate_each(self, calls: list[dict]) -> list[SearchOutput]:
         """Several `generate` calls through one running batch: each dict holds one call's arguments (inputs and
@@ -180,7 +244,13 @@ class Generator:
         speech_inputs = dict(input_features=input_features, audio=audio, sampling_rate=sampling_rate,
                              language=language, task=task)  # fmt: skip
         if self.manifest.audio:
-            return self._speech_request(call, **speech_inputs)
+            speech_call = self._speech(call, attention_mask=attention_mask, **speech_inputs)
+            if isinstance(speech_call, longform.LongForm):
+                raise InvalidArgumentError(
+                    "long-form transcription (audio past 30 s, timestamps, fallback, prompts) runs many searches per "
+                    "recording: call generate() or transcribe() (on the command line: el-export transcribe)"
+                )
+            return speech_call
         if any(value is not None for value in speech_inputs.values()):
             raise InvalidArgumentError(f"{', '.join(speech_inputs)} are for speech models")
         input_ids, attention_mask = self._check_source(input_ids, attention_mask)
@@ -268,9 +338,20 @@ class Generator:
             raise InputError(f"decoder_input_ids holds ids outside the decoder's vocabulary [0, {vocab})")
         return given if (given[:, 0] == start).all() else torch.cat([prompt, given], dim=1)
 
-    def _speech_request(self, call: _Call, input_features, audio, sampling_rate, language, task) -> Request:
+    def _speech(self, call: _Call, input_features, audio, sampling_rate, attention_mask, language, task):
+        """A Whisper call: a `LongForm` where HF's long-form loop would act differently from one short-form search
+        (audio past 30 s, timestamps, fallback, prompts, word timestamps), else one short-form `Request`."""
+        kwargs = dict(call.kwargs)
+        settings = longform.settings(kwargs, call.defaults, self.manifest.dims["vocab_size"])
+        recordings = speech.recordings(self.manifest, self.mel_filters, input_features, audio, sampling_rate,
+                                       attention_mask)  # fmt: skip
+        if settings.plain and not recordings.long:  # HF's Whisper samples only at a temperature > 0
+            kwargs.update(settings.search_kwargs(settings.temperatures[0]))
+            return self._speech_request(replace(call, kwargs=kwargs), recordings.stacked(), language, task)
+        return longform.LongForm(self, replace(call, kwargs=kwargs), recordings, settings, language, task)
+
+    def _speech_request(self, call: _Call, features: torch.Tensor, language, task) -> Request:
         """Whisper, short-form: the encoder over 30 s of features, then the decoder from HF's prompt."""
-        features = speech.features(self.manifest, self.mel_filters, input_features, audio, sampling_rate)
         defaults = call.defaults
         device = self.backend.device
         frames = self.manifest.graphs["encoder"].output("encoder_hidden").shape[1]

@@ -32,12 +32,14 @@ ADMIT_SHARE = 8  # with others running, wait until room for 1/ADMIT_SHARE of the
 @dataclass
 class Admission:
     """Some of a request's inputs, ready to decode: a decoder over their encoder outputs (or prefill), not yet
-    started; their decoder prompts [b, P] on the device; their options; decoder-only prompts' mask."""
+    started; their decoder prompts [b, P] on the device; their options; decoder-only prompts' mask (which the
+    search reads); the left padding of encoder-decoder prompts of different lengths (which the decoder skips)."""
 
     decoder: Any
     prompt: torch.Tensor
     options: GenerationOptions
     prompt_mask: torch.Tensor | None = None
+    prompt_padding: torch.Tensor | None = None
 
 
 class Request:
@@ -210,7 +212,7 @@ class Scheduler:
             k = request.k
             if request.streamer is not None:  # HF: the expanded prompt, once, before the first step
                 request.streamer.put(admission.prompt.repeat_interleave(k, dim=0).cpu())
-            logits = admission.decoder.start(admission.prompt, k)
+            logits = admission.decoder.start(admission.prompt, k, admission.prompt_padding)
             search = make_search(admission.prompt, admission.options, logits.shape[-1], logits.device,
                                  admission.prompt_mask, request.streamer, compact=not self.static)  # fmt: skip
             cohort = _Cohort(search, request, start)

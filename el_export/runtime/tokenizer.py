@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from el_export.contract.files import read_file
-from el_export.errors import BundleError, InputError, first_line
+from el_export.errors import BundleError, InputError, InvalidArgumentError, first_line
 
 
 class Tokenizer:
@@ -102,6 +102,28 @@ class Tokenizer:
                     ids = self._truncating.encode(text).ids  # cuts the text, keeps the special tokens
             encoded.append(ids)
         return pad_ids(encoded, self.pad_token_id, self.padding_side)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """Whisper's previous-text prompt: [<|startofprev|>] + the ids of " " + text.strip(), as transformers'
+        `WhisperTokenizer.get_prompt_ids` builds them, refusing text that encodes to a special token as it does
+        (its bar, `all_special_ids[0]`, is <|endoftext|>: the lowest special id of a Whisper vocabulary).
+
+        Raises:
+            InvalidArgumentError: the tokenizer is not Whisper's, or the text holds a special token.
+        """
+        start = self._tok.token_to_id("<|startofprev|>")
+        if start is None:
+            raise InvalidArgumentError(f"{self.name} has no <|startofprev|> token: prompts need a Whisper bundle")
+        with self._failures("on the prompt"):
+            ids = self._tok.encode(" " + text.strip(), add_special_tokens=False).ids
+        specials = (i for i, token in self._tok.get_added_tokens_decoder().items() if token.special)
+        first_special = min(specials, default=start)
+        special = next((i for i in ids if i >= first_special), None)
+        if special is not None:
+            raise InvalidArgumentError(
+                f"the prompt holds the special token {self._tok.id_to_token(special)}; remove it from the text"
+            )
+        return [start, *ids]
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         with self._failures("to decode"):

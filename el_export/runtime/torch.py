@@ -100,7 +100,9 @@ class StaticCacheDecoder:
     def inputs(self) -> int:
         return self.rows // self.k
 
-    def start(self, prompt_ids: torch.Tensor, rows_per_input: int) -> torch.Tensor:
+    def start(
+        self, prompt_ids: torch.Tensor, rows_per_input: int, prompt_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         k = self.k = rows_per_input
         device = self.backend.device
         specs = {spec.name: spec for spec in self.graph.inputs}
@@ -127,8 +129,12 @@ class StaticCacheDecoder:
         n_context = len(names)
         self.step_fn = lambda ids, *rest: step(ids, *self._structure(rest[:n_context]), *rest[n_context:])
         rows = prompt_ids.to(device).repeat_interleave(k, dim=0)
+        real = None if prompt_mask is None else prompt_mask.to(device).repeat_interleave(k, dim=0)
         for p in range(rows.shape[1]):
             logits = self.step(rows[:, p : p + 1])
+            if real is not None:  # a padding token's slot is never attended and takes no position
+                self.key_mask[:, self.t - 1] = real[:, p]
+                self.positions.sub_(1 - real[:, p : p + 1])
         return logits
 
     @property

@@ -13,7 +13,9 @@ import torch
 class StepDecoder(Protocol):
     """A decoder whose encoder (if any) has already run for a batch of B inputs."""
 
-    def start(self, prompt_ids: torch.Tensor, rows_per_input: int) -> torch.Tensor:
+    def start(
+        self, prompt_ids: torch.Tensor, rows_per_input: int, prompt_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Feed the decoder prompt and return the logits for the first new token.
 
         Args:
@@ -21,6 +23,9 @@ class StepDecoder(Protocol):
                 `decoder_start_token_id` and any forced prompt; for decoder-only models the prompt).
             rows_per_input: k, the number of hypotheses each input will carry (num_beams, or
                 num_return_sequences when sampling without beams).
+            prompt_mask: int64 [B, P], 0 on the left padding of encoder-decoder prompts of different lengths
+                (Whisper's previous-text prompts): padding is never attended and takes no position, as HF's
+                `decoder_attention_mask`. None: every prompt token is real.
 
         Returns:
             float32 logits [B * k, V] on the decoder's device; rows of one input are identical.

@@ -124,6 +124,30 @@ def _token_ids(name: str, value: Any) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
+class TimestampRules:
+    """Whisper's timestamp tokens: ids from `no_timestamps_token_id + 1` on, predicted in pairs after `begin_index`
+    (the decoder prompt's length), the first at most `max_initial_timestamp_index` steps of 20 ms in."""
+
+    no_timestamps_token_id: int
+    begin_index: int
+    max_initial_timestamp_index: int | None
+    eos_token_id: int
+
+    @property
+    def timestamp_begin(self) -> int:
+        return self.no_timestamps_token_id + 1
+
+
+@dataclass(frozen=True)
+class NoSpeechRule:
+    """Record the probability of `token_id` at the first generated step. HF fixes `scores_are_logprobs` from the
+    call's num_beams, so a sampled retry of a beam-search call reads its logits as log-probabilities too."""
+
+    token_id: int
+    scores_are_logprobs: bool
+
+
+@dataclass(frozen=True)
 class GenerationOptions:
     """Resolved generation parameters, named as in HF `generate` (build them with `resolve_options`).
 
@@ -157,6 +181,13 @@ class GenerationOptions:
     suppress_tokens: tuple[int, ...] | None = None
     begin_suppress_tokens: tuple[int, ...] | None = None
     output_scores: bool = False
+    # Whisper's long-form rules (`el_export.runtime.longform` sets them; no `generate` argument reaches them):
+    # timestamp pairs from this prompt length on (HF's WhisperTimeStampLogitsProcessor), the no-speech
+    # probability of the first step (WhisperNoSpeechDetection), and each token's log-probability over the
+    # scores rescaled by this factor (what HF's `_retrieve_avg_logprobs` reads for `logprob_threshold`).
+    timestamps: "TimestampRules | None" = None
+    no_speech: "NoSpeechRule | None" = None
+    token_logprobs_rescale: float | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -242,7 +273,8 @@ class GenerationOptions:
         return kept or None
 
 
-_FIELDS = frozenset(field.name for field in fields(GenerationOptions))
+_INTERNAL = frozenset({"timestamps", "no_speech", "token_logprobs_rescale"})  # set by the long-form loop
+_FIELDS = frozenset(field.name for field in fields(GenerationOptions)) - _INTERNAL
 _HF_FIELDS = _FIELDS - {"seed"}  # `seed` is ours: a checkpoint's config cannot set it
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from el_export.errors import InvalidArgumentError
-from el_export.search.options import GenerationOptions
+from el_export.search.options import GenerationOptions, TimestampRules
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(ids int64 [N, T], scores float32 [N, V]) -> processed scores [N, V]. T is the current length. A processor may
@@ -144,6 +144,63 @@ def top_p(p: float, min_tokens_to_keep: int) -> Processor:
     return apply
 
 
+def whisper_timestamps(rules: TimestampRules) -> Processor:
+    """HF's `WhisperTimeStampLogitsProcessor`, vectorised over rows: timestamps come in pairs and never go back,
+    the first token is a timestamp (at most `max_initial_timestamp_index` in), and text is banned wherever all
+    timestamps together are likelier than the best text token."""
+    begin, tb, eos = rules.begin_index, rules.timestamp_begin, rules.eos_token_id
+
+    def apply(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, rules.no_timestamps_token_id] = _NEG_INF
+        seq = ids[:, begin:]
+        n = seq.shape[1]
+        last_was_timestamp = seq[:, -1] >= tb if n >= 1 else torch.zeros_like(ids[:, 0], dtype=torch.bool)
+        penultimate_was_timestamp = seq[:, -2] >= tb if n >= 2 else torch.ones_like(last_was_timestamp)
+        pair_closed = last_was_timestamp & penultimate_was_timestamp  # has to be text next
+        pair_open = last_was_timestamp & ~penultimate_was_timestamp  # has to be a timestamp (or eos) next
+        scores[:, tb:] = scores[:, tb:].masked_fill(pair_closed[:, None], _NEG_INF)
+        scores[:, :eos] = scores[:, :eos].masked_fill(pair_open[:, None], _NEG_INF)
+        timestamp_last = torch.full_like(ids[:, 0], tb)  # no timestamp is forbidden until one is sampled
+        if n:
+            is_timestamp = seq >= tb
+            positions = torch.arange(n, device=ids.device).expand_as(seq)
+            last_index = torch.where(is_timestamp, positions, -1).max(dim=1).values
+            last = seq.gather(1, last_index.clamp(min=0)[:, None])[:, 0]
+            timestamp_last = torch.where(
+                last_index >= 0, torch.where(pair_open, last, last + 1), timestamp_last
+            )
+        vocab = torch.arange(scores.shape[-1], device=scores.device)
+        scores.masked_fill_((vocab >= tb) & (vocab < timestamp_last[:, None]), _NEG_INF)
+        if ids.shape[1] == begin:
+            scores[:, :tb] = _NEG_INF
+            if rules.max_initial_timestamp_index is not None:
+                scores[:, tb + rules.max_initial_timestamp_index + 1 :] = _NEG_INF
+        logprobs = torch.nn.functional.log_softmax(scores.float(), dim=-1)
+        timestamp_logprob = logprobs[:, tb:].logsumexp(dim=-1)
+        max_text_token_logprob = logprobs[:, :tb].max(dim=-1).values
+        sample_timestamp = (timestamp_logprob > max_text_token_logprob).unsqueeze(-1)
+        scores[:, :tb].masked_fill_(sample_timestamp, _NEG_INF)
+        return scores
+
+    return apply
+
+
+class NoSpeech:
+    """HF's `WhisperNoSpeechDetection` where the first generated step is the one after <|startoftranscript|>
+    (English-only models): the probability of the no-speech token at that step, per row, from the scores it is
+    handed (log-probabilities under beam search). Changes nothing."""
+
+    def __init__(self, token_id: int, begin_index: int, scores_are_logprobs: bool):
+        self.token_id, self.begin_index, self.scores_are_logprobs = token_id, begin_index, scores_are_logprobs
+        self.probs: torch.Tensor | None = None  # float32 [N], once the first step ran
+
+    def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] == self.begin_index:
+            probs = scores.exp() if self.scores_are_logprobs else scores.float().softmax(dim=-1)
+            self.probs = probs[:, self.token_id]
+        return scores
+
+
 def _token_mask(token_ids: Sequence[int], vocab_size: int, device: torch.device) -> torch.Tensor:
     """bool [V]; ids outside the vocabulary are ignored, as `torch.isin` over the vocab ignores them in HF."""
     mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
@@ -195,12 +252,16 @@ def build_processors(
         processors.append(force([options.forced_bos_token_id], 1, device))
     if options.forced_eos_token_id is not None:
         processors.append(force(options.forced_eos_token_id, options.max_length - 1, device))
+    if options.no_speech is not None:  # HF's Whisper order: no-speech, begin-suppress, suppress, timestamps
+        processors.append(NoSpeech(options.no_speech.token_id, prompt_length, options.no_speech.scores_are_logprobs))
     if options.suppress_tokens is not None:
         processors.append(suppress(_token_mask(options.suppress_tokens, vocab_size, device), lambda T: True))
     if options.begin_suppress_tokens is not None:
         begin = prompt_length + (1 if prompt_length <= 1 and options.forced_bos_token_id is not None else 0)
         mask = _token_mask(options.begin_suppress_tokens, vocab_size, device)
         processors.append(suppress(mask, lambda T: T == begin))
+    if options.timestamps is not None:
+        processors.append(whisper_timestamps(options.timestamps))
     if options.do_sample:
         # Beams keep one more token than there are eos ids, so a beam can always continue.
         min_keep = (len(eos) if eos else 1) + 1 if options.num_beams > 1 else 1

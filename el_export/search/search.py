@@ -17,7 +17,7 @@ import torch
 from el_export.errors import InvalidArgumentError
 from el_export.search.decoder import StepDecoder
 from el_export.search.options import GenerationOptions, check_prompt_length
-from el_export.search.processors import Processor, build_processors
+from el_export.search.processors import NoSpeech, Processor, build_processors
 
 
 @dataclass
@@ -32,12 +32,18 @@ class SearchOutput:
         scores: per generated step, the processed scores [B * k, V] (only with `output_scores`).
         beam_indices: int32 [B * num_return_sequences, L - P], the global row each token came from
             (-1 past the end; beam methods only).
+        token_logprobs: float32 [B * num_return_sequences, L - P], each generated token's log-probability under
+            its step's processed scores (rescaled by `token_logprobs_rescale`): what HF's Whisper fallback reads
+            from `scores` and `beam_indices`, kept without the [V]-wide scores (only when that option is set).
+        no_speech_prob: float32 [B], the no-speech token's probability at the first step (option `no_speech`).
     """
 
     sequences: torch.Tensor
     sequences_scores: torch.Tensor | None = None
     scores: tuple[torch.Tensor, ...] | None = None
     beam_indices: torch.Tensor | None = None
+    token_logprobs: torch.Tensor | None = None
+    no_speech_prob: torch.Tensor | None = None
 
 
 @dataclass
@@ -235,11 +241,30 @@ class _Processed(Search):
             self.options, prompt_length=self.P, prompt_ignore_length=self.ignore_length, vocab_size=self.V,
             device=self.device,
         )  # fmt: skip
+        no_speech = [p for p in self.processors if isinstance(p, NoSpeech)]
+        if no_speech and getattr(self, "no_speech", None) is not None:
+            no_speech[0].probs = self.no_speech.probs  # recorded at the first step: carried into the rebuilt one
+        self.no_speech = no_speech[0] if no_speech else None
 
     def _keep_processors(self, inputs: torch.Tensor) -> None:
+        rows = self._rows_of(inputs)
+        if self.no_speech is not None and self.no_speech.probs is not None:
+            self.no_speech.probs = self.no_speech.probs[rows]
         if self.ignore_length is not None:
-            self.ignore_length = self.ignore_length[self._rows_of(inputs)]
+            self.ignore_length = self.ignore_length[rows]
             self._build()
+
+    def _no_speech_prob(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The recorded probability of each input among `rows` (their first row: one input's rows share the
+        prompt, so the first step's scores are the same for all of them)."""
+        if self.no_speech is None or self.no_speech.probs is None:
+            return None
+        return self.no_speech.probs[rows[:: self.k]]
+
+    def _token_logprobs(self, scores: torch.Tensor) -> torch.Tensor:
+        """float32 [N, V]: HF `_retrieve_avg_logprobs`'s log-softmax over a step's processed scores."""
+        rescale = self.options.token_logprobs_rescale
+        return torch.nn.functional.log_softmax((scores * rescale).float(), dim=-1)
 
 
 class Sampling(_Processed):
@@ -253,6 +278,7 @@ class Sampling(_Processed):
         self.eos = _eos_tensor(options, device)
         self.unfinished = torch.ones(self.ids.shape[0], dtype=torch.long, device=device)  # [N]
         self.scores: list[torch.Tensor] = []
+        self.token_logprobs: list[torch.Tensor] = []  # [N] per step, with `token_logprobs_rescale`
         self.streamer = streamer
         self.generator = None  # None draws from torch's global generator, as HF does
         if options.do_sample and options.seed is not None:
@@ -272,6 +298,8 @@ class Sampling(_Processed):
         if self.eos is not None:
             next_tokens = next_tokens * self.unfinished + options.pad_token_id * (1 - self.unfinished)
             self.unfinished = self.unfinished & ~torch.isin(next_tokens, self.eos)
+        if options.token_logprobs_rescale is not None:
+            self.token_logprobs.append(self._token_logprobs(step_scores).gather(1, next_tokens[:, None])[:, 0])
         self.ids = torch.cat([ids, next_tokens[:, None]], dim=-1)  # [N, T + 1]
         if self.streamer is not None:
             self.streamer.put(next_tokens.cpu())
@@ -289,15 +317,19 @@ class Sampling(_Processed):
 
     def _output(self, inputs: torch.Tensor) -> SearchOutput:
         rows = self._rows_of(inputs.to(self.ids.device))
-        scores = None
+        scores = token_logprobs = None
         if self.options.output_scores:
             scores = tuple(s[rows] for s in self.scores)
-        return SearchOutput(sequences=self.ids[rows], scores=scores)
+        if self.options.token_logprobs_rescale is not None:
+            token_logprobs = torch.stack(self.token_logprobs, dim=1)[rows]
+        return SearchOutput(sequences=self.ids[rows], scores=scores, token_logprobs=token_logprobs,
+                            no_speech_prob=self._no_speech_prob(rows))  # fmt: skip
 
     def _keep(self, inputs: torch.Tensor) -> None:
         rows = self._rows_of(inputs.to(self.ids.device))
         self.ids, self.unfinished = self.ids[rows], self.unfinished[rows]
         self.scores = [s[rows] for s in self.scores]
+        self.token_logprobs = [t[rows] for t in self.token_logprobs]
         self._keep_processors(inputs)
 
 
@@ -337,6 +369,10 @@ class BeamSearch(_Processed):
         self.improvable = torch.ones((B, 1), dtype=torch.bool, device=device)  # HF: is_early_stop_heuristic_unsatisfied
         self.running_beam_indices = torch.full((B, num_beams, max_length - P), -1, dtype=torch.int32, device=device)
         self.beam_indices = self.running_beam_indices.detach().clone()
+        self.tracks_logprobs = options.token_logprobs_rescale is not None  # kept beside beam_indices, gathered alike
+        if self.tracks_logprobs:
+            self.running_token_logprobs = torch.zeros((B, num_beams, max_length - P), device=device)
+            self.token_logprobs = self.running_token_logprobs.clone()
         self.all_scores: list[torch.Tensor] = []
         self.flat_running_sequences = ids  # [N, cur_len]
         self.cur_len = P
@@ -353,6 +389,8 @@ class BeamSearch(_Processed):
         log_probs = _process(self.processors, self.flat_running_sequences, log_probs)
         if options.output_scores:
             self.all_scores.append(log_probs.clone())
+        if self.tracks_logprobs:
+            candidate_logprobs = self._token_logprobs(log_probs).view(B, -1)  # [B, num_beams * V]
         V = log_probs.shape[-1]
         log_probs = log_probs.view(B, num_beams, V) + self.running_beam_scores[:, :, None]
         log_probs = torch.reshape(log_probs, (B, -1))  # [B, num_beams * V]
@@ -370,6 +408,9 @@ class BeamSearch(_Processed):
         topk_ids = topk_indices % V
         topk_running_sequences[:, :, cur_len] = topk_ids
         topk_running_beam_indices[:, :, cur_len - P] = topk_current_beam_indices.to(torch.int32)
+        if self.tracks_logprobs:
+            topk_running_logprobs = _gather_beams(self.running_token_logprobs, topk_current_beam_indices)
+            topk_running_logprobs[:, :, cur_len - P] = candidate_logprobs.gather(1, topk_indices)
 
         # HF stopping criteria on the K candidates: max length, or the new token is an eos.
         hits = torch.full((B, beams_to_keep), cur_len + 1 >= max_length, dtype=torch.bool, device=device)
@@ -382,6 +423,8 @@ class BeamSearch(_Processed):
         self.running_sequences = _gather_beams(topk_running_sequences, next_topk_indices)
         self.running_beam_scores = _gather_beams(topk_running_log_probs, next_topk_indices)
         self.running_beam_indices = _gather_beams(topk_running_beam_indices, next_topk_indices)
+        if self.tracks_logprobs:
+            self.running_token_logprobs = _gather_beams(topk_running_logprobs, next_topk_indices)
 
         # HF `_update_finished_beams`
         did_top_num_beams_just_finish = hits & self.top_num_beam_mask[None, :]
@@ -395,6 +438,8 @@ class BeamSearch(_Processed):
         self.sequences = _gather_beams(torch.cat((self.sequences, topk_running_sequences), dim=1), keep)
         self.beam_scores = _gather_beams(merged_scores, keep)
         self.beam_indices = _gather_beams(torch.cat((self.beam_indices, topk_running_beam_indices), dim=1), keep)
+        if self.tracks_logprobs:
+            self.token_logprobs = _gather_beams(torch.cat((self.token_logprobs, topk_running_logprobs), dim=1), keep)
         self.is_sent_finished = _gather_beams(
             torch.cat((self.is_sent_finished, did_top_num_beams_just_finish), 1), keep
         )
@@ -432,20 +477,25 @@ class BeamSearch(_Processed):
         beam_indices = torch.where(local >= 0, local + offset, local).reshape(b * R, max_length - P)
         # Crop to the longest kept hypothesis: beam_indices is -1 past each hypothesis' end.
         generated = int((beam_indices + 1).bool().sum(dim=1).max())
-        scores = None
+        scores = token_logprobs = None
         if self.options.output_scores:
             scores = tuple(s[self._rows_of(inputs)] for s in self.all_scores)
+        if self.tracks_logprobs:
+            token_logprobs = self.token_logprobs[inputs, :R].reshape(b * R, max_length - P)[:, :generated]
         return SearchOutput(
             sequences=sequences[:, : P + generated],
             sequences_scores=sequences_scores,
             scores=scores,
             beam_indices=beam_indices[:, :generated],
+            token_logprobs=token_logprobs,
+            no_speech_prob=self._no_speech_prob(self._rows_of(inputs)),
         )
 
     def _keep(self, inputs: torch.Tensor) -> None:
         inputs = inputs.to(self.device)
         for name in ("running_sequences", "sequences", "running_beam_scores", "beam_scores", "is_sent_finished",
-                     "improvable", "running_beam_indices", "beam_indices"):  # fmt: skip
+                     "improvable", "running_beam_indices", "beam_indices") + (
+                     ("running_token_logprobs", "token_logprobs") if self.tracks_logprobs else ()):  # fmt: skip
             setattr(self, name, getattr(self, name)[inputs])
         rows = self._rows_of(inputs)
         self.flat_running_sequences = self.flat_running_sequences[rows]

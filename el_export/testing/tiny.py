@@ -52,6 +52,7 @@ _WHISPER = dict(
 _WHISPER_GENERATION = dict(
     max_length=64, bos_token_id=91, eos_token_id=91, pad_token_id=91, decoder_start_token_id=90,
     no_timestamps_token_id=95, suppress_tokens=[3, 4], begin_suppress_tokens=[5, 91], return_timestamps=False,
+    alignment_heads=[[1, 2], [0, 1], [1, 0]],  # out of layer order, as the export must keep them
 )  # fmt: skip
 SPEECH = ("whisper", "whisper-multilingual")
 

@@ -272,3 +272,45 @@ def test_a_catastrophic_tokenizer_regex_is_one_line_not_a_panic(text_bundle, cap
     assert main(["generate", str(text_bundle), "hello"]) == 0  # loads, and runs on text it can match
     err = _cli_error(text_bundle, capsys, "a" * 50_000 + "!")  # Rust panics: its regex engine gives up
     assert "the bundle's tokenizer tokenizer.json failed on input 0 (Onig: Regex search error" in err
+
+
+@pytest.fixture
+def whisper_bundle(bundles, tmp_path):
+    """A copy of the tiny Whisper bundle, whose decoder step returns its 3 alignment heads' attention."""
+    return _copy(bundles("whisper", "el"), tmp_path)
+
+
+def _outputs(d) -> list:
+    return d["graphs"]["decoder_step"]["outputs"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda d: d["alignment"].update(heads=[[2, 0], [0, 1], [1, 0]]),
+            "alignment.heads must be [layer, head] pairs",
+        ),
+        (lambda d: d["alignment"].update(heads=[[0, 4], [0, 1], [1, 0]]), "inside the decoder's 2 x 4 heads"),
+        (lambda d: d["alignment"].update(heads=[[True, 0], [0, 1], [1, 0]]), "alignment.heads must be [layer, head]"),
+        (lambda d: d["alignment"].update(heads="all"), "alignment.heads must be [layer, head] pairs"),
+        (lambda d: d["alignment"].update(heads=[]), "alignment.heads must be [layer, head] pairs"),
+        (lambda d: d["alignment"].update(median_filter_width=6), "alignment.median_filter_width is 6; expected an odd"),
+        (lambda d: d["alignment"].update(median_filter_width="7"), "alignment.median_filter_width is 7; expected"),
+        (
+            lambda d: d["alignment"].update(heads=[[0, 1]]),
+            "decoder_step needs an output 'alignment_attention' of shape",
+        ),
+        (lambda d: _outputs(d)[-1].update(shape=["rows", 3, 40]), "['rows', 3, 'source']"),
+        (lambda d: d.update(alignment=["heads"]), "manifest field 'alignment' is not an object"),
+        (lambda d: d.pop("alignment"), "decoder_step has output 'alignment_attention' but no 'alignment' field"),
+    ],
+)
+def test_hostile_alignment_heads_are_refused(whisper_bundle, capsys, change, message):
+    edit_manifest(whisper_bundle, change)
+    assert message in _cli_error(whisper_bundle, capsys)
+
+
+def test_a_manifest_written_before_alignment_heads_still_loads(bundle):
+    edit_manifest(bundle, lambda d: d.pop("alignment"))
+    assert _sequences(bundle)

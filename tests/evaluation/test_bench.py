@@ -110,7 +110,7 @@ def test_w5_clips_are_spoken_once_and_last_half_a_second_to_twelve(tmp_path):
     again = speech_clips.build_clips(tmp_path, changed)  # other sentences: all spoken again, the rest removed
     assert sorted(tmp_path.glob("*.wav")) == again == clips[:2]
     assert all(clip.stat().st_mtime_ns != made[clip] for clip in again)
-    assert json.loads((tmp_path / speech_clips.RECORD).read_text())["sentences_sha256"] != record["sentences_sha256"]
+    assert json.loads((tmp_path / speech_clips.RECORD).read_text())["texts_sha256"] != record["texts_sha256"]
 
 
 @needs_espeak

@@ -256,12 +256,13 @@ def test_the_note_is_one_line_on_stderr(whisper_30s, fox_files):
         ({"sampling_rate": 0}, InvalidArgumentError, "`sampling_rate` must be a positive integer (Hz), got 0"),
         ({"sampling_rate": 44100.0}, InvalidArgumentError, "`sampling_rate` must be a positive integer (Hz)"),
         ({"sampling_rate": True}, InvalidArgumentError, "`sampling_rate` must be a positive integer (Hz), got True"),
-        ({"sampling_rate": 1}, InputError, "audio 0 is 1600.0 s; the model transcribes up to 30 s at once: split it"),
+        ({"sampling_rate": 1, "samples": 14401}, InputError,
+         "audio 0 is 14401.0 s; el-export transcribes recordings of up to 14400 s (4 hours): split it"),
         ({"sampling_rate": 8000, "nan": True}, InputError, "audio 0 has 2 NaN or infinite samples"),
     ],
 )
 def test_bad_sampling_rates_are_refused_before_anything_runs(bundles, no_graph_runs, kwargs, error, fragment):
-    wave = np.full(1600, 0.1, dtype=np.float32)
+    wave = np.full(kwargs.pop("samples", 1600), 0.1, dtype=np.float32)
     if kwargs.pop("nan", False):
         wave[[3, 9]] = [np.nan, np.inf]
     with pytest.raises(error) as raised:
@@ -278,14 +279,14 @@ def test_sampling_rate_belongs_to_audio_arrays(bundles, no_graph_runs):
 
 
 def test_files_at_other_rates_are_checked_before_resampling(bundles, tmp_path, no_graph_runs, caplog):
-    """A header claiming 1 Hz would resample 1600 samples to 25.6 million; NaN would spread through the filter."""
+    """A header claiming 1 Hz would resample 14401 samples to 230 million; NaN would spread through the filter."""
     generator = el_export.load(bundles("whisper", "el"))
     slow, bad = tmp_path / "1hz.wav", tmp_path / "nan.wav"
-    soundfile.write(slow, np.zeros(1600, dtype=np.float32), 1)
+    soundfile.write(slow, np.zeros(14401, dtype=np.float32), 1)
     wave = np.full(4410, 0.1, dtype=np.float32)
     wave[[3, 9]] = [np.nan, np.inf]
     soundfile.write(bad, wave, 44100, subtype="FLOAT")
-    with pytest.raises(InputError, match=rf"^{re.escape(str(slow))} is 1600.0 s; the model transcribes up to 30 s"):
+    with pytest.raises(InputError, match=rf"^{re.escape(str(slow))} is 14401.0 s; el-export transcribes recordings of"):
         generator.generate(audio=[str(slow)])
     with pytest.raises(InputError, match=rf"^{re.escape(str(bad))} has 2 NaN or infinite samples; give finite"):
         generator.generate(audio=[str(bad)])

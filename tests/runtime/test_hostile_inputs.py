@@ -245,10 +245,23 @@ def test_non_finite_audio_is_refused_naming_the_input(bundles, speech_cli_bundle
     assert f"audio 0 ({path}) has 2 NaN or infinite samples" in _error_line(capsys)
 
 
-@pytest.mark.parametrize(("samples", "shown"), [(30 * 16000 + 160, "30.01"), (30 * 16000 + 1, "30.0001")])
-def test_audio_past_30_s_shows_it_is_past(bundles, no_graph_runs, samples, shown):
-    with pytest.raises(InputError, match=rf"^audio 0 is {shown} s; the model transcribes up to 30 s at once"):
-        el_export.load(bundles("whisper", "el")).generate(audio=[np.zeros(samples, dtype=np.float32)])
+@pytest.mark.parametrize(("samples", "shown"), [(1440001, "14400.01"), (14400001, "14400.001")])
+def test_audio_past_4_hours_shows_it_is_past(bundles, no_graph_runs, samples, shown):
+    """Checked before resampling (at 100 and 1000 Hz here): a recording past the 4 hours el-export reads."""
+    rate = 100 if samples < 10**7 else 1000
+    with pytest.raises(InputError, match=rf"^audio 0 is {shown} s; el-export transcribes recordings of up to 14400 s"):
+        el_export.load(bundles("whisper", "el")).generate(audio=[np.zeros(samples, dtype=np.float32)],
+                                                          sampling_rate=rate)  # fmt: skip
+
+
+def test_audio_past_30_s_needs_timestamps(bundles, no_graph_runs):
+    """Past 30 s, HF transcribes long-form, which predicts timestamps: a model without timestamp tokens cannot."""
+    generator = el_export.load(bundles("whisper", "el"))
+    wave = np.zeros(30 * 16000 + 1, dtype=np.float32)
+    with pytest.raises(InvalidArgumentError, match="^audio longer than 30 s is transcribed long-form"):
+        generator.generate(audio=[wave])
+    with pytest.raises(InvalidArgumentError, match="^the model has no timestamp tokens"):
+        generator.generate(audio=[wave], return_timestamps=True)
 
 
 # inspect: every integer option in range; the source within the model's positions.

