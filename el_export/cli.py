@@ -420,6 +420,8 @@ def _add_serving_arguments(p: argparse.ArgumentParser, instances_help: str) -> N
     g.add_argument("--max-new-tokens-limit", type=int, help="largest max_new_tokens (default 512)")
     g.add_argument("--max-text-bytes", type=int, help="largest text input in UTF-8 bytes, checked before "
                    "tokenizing (default 262144)")  # fmt: skip
+    g.add_argument("--max-audio-seconds", type=float, help="longest audio input (speech bundles), an upload checked "
+                   "from its header before decoding (default 3600)")  # fmt: skip
 
 
 def serve_config(args: argparse.Namespace):
@@ -431,7 +433,7 @@ def serve_config(args: argparse.Namespace):
     names = ("host", "http_port", "grpc_port", "metrics_port", "log_file")  # serve's; triton-repo has none
     ports = {k: getattr(args, k) for k in names if hasattr(args, k)}
     caps = {"max_num_beams": args.max_num_beams, "max_new_tokens": args.max_new_tokens_limit,
-            "max_text_bytes": args.max_text_bytes}  # fmt: skip
+            "max_text_bytes": args.max_text_bytes, "max_audio_seconds": args.max_audio_seconds}  # fmt: skip
     return ServeConfig(
         model_name=name, max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
         dynamic_batching=args.dynamic_batching, instances=args.instances, batching=args.batching,

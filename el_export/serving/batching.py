@@ -11,6 +11,13 @@ when its last group ends, and nothing joins meanwhile). Search treats every inpu
 depends on the neighbours), so each answer equals `generate` on that input alone: the runner crops each
 input's rows back to what that call would return. A refused request gets its own one-line error; its
 neighbours in the batch get their answers.
+
+Speech requests that Whisper's long-form loop answers (audio past 30 s, timestamps, previous text, thresholds, word
+timestamps: where `generate` itself would take that loop) run many searches per recording on a scheduler of their
+own (`LongForm.run`), so they cannot be one request of the shared running batch: each such group is one
+`Generator.transcribe` call, on the thread of the model call that brought it (with "inflight" batching the
+scheduler thread goes on stepping the other groups meanwhile; both use the backend at once, as the concurrent
+`generate` calls of several "group" instances do). Their answers carry the transcript as JSON (`segments`).
 """
 
 import math
@@ -20,11 +27,14 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from el_export.errors import ElExportError, InputError, InvalidArgumentError
-from el_export.runtime.audio import load_audio
+from el_export.runtime import longform
+from el_export.runtime.audio import load_audio, too_long
 from el_export.runtime.scheduler import BackgroundScheduler, Request
 from el_export.runtime.tokenizer import pad_ids, padding
+from el_export.runtime.transcripts import Transcript, to_json_text
 
 
 @dataclass(frozen=True)
@@ -51,13 +61,22 @@ OUTPUTS = (
     ServingTensor("sequences", "int64", (-1, -1)),  # [R, T]: token ids as `generate` returns them
     ServingTensor("scores", "float32", (-1,)),  # [R]: beam search's sequences_scores; NaN for greedy and sampling
 )
+# [1]: UTF-8 JSON, a long-form request's transcript (`Transcript.to_json`: openai-whisper's layout), else "[]"
+SEGMENTS = ServingTensor("segments", "bytes", (1,))
+NO_SEGMENTS = b"[]"  # the segments of a short-form answer: it was not timed
 
+# Whisper's long-form arguments a request may set: refused for text bundles.
+SPEECH_PARAMETERS: dict[str, tuple[type, ...]] = {
+    "return_timestamps": (bool,), "condition_on_prev_tokens": (bool,), "compression_ratio_threshold": (float, int),
+    "logprob_threshold": (float, int), "no_speech_threshold": (float, int), "word_timestamps": (bool,),
+}  # fmt: skip
 # Generation arguments a request may set (as Triton request parameters), with the types accepted.
 PARAMETERS: dict[str, tuple[type, ...]] = {
     "num_beams": (int,), "num_return_sequences": (int,), "max_new_tokens": (int,), "min_new_tokens": (int,),
     "length_penalty": (float, int), "early_stopping": (bool, str), "no_repeat_ngram_size": (int,),
     "repetition_penalty": (float, int), "do_sample": (bool,), "temperature": (float, int), "top_k": (int,),
     "top_p": (float, int), "seed": (int,), "language": (str,), "task": (str,), "truncation": (bool,),
+    **SPEECH_PARAMETERS,
 }  # fmt: skip
 
 
@@ -69,6 +88,11 @@ def model_inputs(manifest) -> tuple[ServingTensor, ...]:
     return SPEECH_INPUTS if manifest.audio else TEXT_INPUTS
 
 
+def model_outputs(manifest) -> tuple[ServingTensor, ...]:
+    """The outputs a bundle's model answers with: speech bundles add `segments`."""
+    return (*OUTPUTS, SEGMENTS) if manifest.audio else OUTPUTS
+
+
 @dataclass(frozen=True)
 class RequestCaps:
     """The most one request may ask for, so that no client makes the server search or tokenize without bound.
@@ -77,15 +101,20 @@ class RequestCaps:
     max_num_beams: int = 16  # num_beams and num_return_sequences: rows per input
     max_new_tokens: int = 512
     max_text_bytes: int = 262_144  # per text input, UTF-8, checked before tokenizing
+    max_audio_seconds: float = 3600.0  # per audio input (an upload: from its header, before decoding) or samples
 
     FLAGS: ClassVar[dict[str, str]] = {"max_num_beams": "--max-num-beams", "max_new_tokens": "--max-new-tokens-limit",
-                                       "max_text_bytes": "--max-text-bytes"}  # fmt: skip
+                                       "max_text_bytes": "--max-text-bytes",
+                                       "max_audio_seconds": "--max-audio-seconds"}  # fmt: skip
 
     def check(self) -> None:
-        """Raises InvalidArgumentError for a cap below 1."""
+        """Raises InvalidArgumentError for a cap below 1, or not finite (NaN would refuse nothing)."""
         for name, flag in self.FLAGS.items():
-            if getattr(self, name) < 1:
-                raise InvalidArgumentError(f"{flag} must be at least 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise InvalidArgumentError(f"{flag} must be a finite number, got {value}")
+            if value < 1:
+                raise InvalidArgumentError(f"{flag} must be at least 1, got {value}")
 
     def refuse(self, name: str, value: int, cap_name: str) -> InvalidArgumentError:
         """The one-line error for `name` = `value` over the cap `cap_name`."""
@@ -93,12 +122,19 @@ class RequestCaps:
         return InvalidArgumentError(f"{name} {value} is over this server's limit of {cap}; ask for at most {cap}, "
                                     f"or start the server with a higher {flag}")  # fmt: skip
 
+    @property
+    def audio_limit(self) -> str:
+        """What the refusal of audio past `max_audio_seconds` says the limit is (`too_long` adds ": split it")."""
+        return (f"this server takes up to {self.max_audio_seconds:g} s (start it with a higher --max-audio-seconds "
+                "for more)")  # fmt: skip
+
 
 @dataclass
 class _Request:
     items: list  # per input: token ids (list[int]) or mono float32 samples
-    kwargs: dict  # generation arguments
+    kwargs: dict  # the arguments of `generate`, or of `transcribe` for a long-form request
     key: tuple  # requests with equal keys share one search
+    long_form: bool = False  # answered by `Generator.transcribe`
 
 
 @dataclass
@@ -109,6 +145,7 @@ class _Search:
     requests: list[_Request]
     call: dict
     prompt_width: int
+    long_form: bool = False
 
 
 class BatchRunner:
@@ -135,6 +172,7 @@ class BatchRunner:
         pad, self.padding_side = padding(manifest)
         self.pad_token_id = 0 if pad is None else pad
         defaults = {**manifest.special_tokens, **manifest.generation_defaults}
+        self.defaults = {k: v for k, v in defaults.items() if v is not None}  # as `generate` reads them
         eos = defaults.get("eos_token_id")
         self.eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else eos, dtype=torch.int64)
         self._scheduler: BackgroundScheduler | None = None
@@ -148,7 +186,7 @@ class BatchRunner:
                 its parameters (generation arguments under HF's names).
 
         Returns:
-            Per request, its output tensors by name (`OUTPUTS`, batch axis first), or the error that
+            Per request, its output tensors by name (`model_outputs`, batch axis first), or the error that
             refused it (without traceback). One request's error never fails another.
         """
         results: list[dict | ElExportError | None] = [None] * len(requests)
@@ -182,13 +220,16 @@ class BatchRunner:
         self.close()
 
     def _answer_grouped(self, groups: list[list[_Request]]) -> list[list[dict | ElExportError]]:
-        """One blocking `generate` per group, in turn; a failed group's requests retried alone (the one at fault
-        fails, the others get their answers)."""
+        """One blocking `generate` (or `transcribe`) per group, in turn; a failed group's requests retried alone
+        (the one at fault fails, the others get their answers)."""
         results = []
         for group in groups:
             try:
                 search = self._search_of(group)
-                results.append(self._crop(search, self.generator.generate(**search.call)))
+                if search.long_form:
+                    results.append(self._transcribe(search))
+                else:
+                    results.append(self._crop(search, self.generator.generate(**search.call)))
             except ElExportError as e:
                 if len(group) == 1:
                     results.append([_detached(e)])
@@ -198,7 +239,8 @@ class BatchRunner:
 
     def _answer_inflight(self, groups: list[list[_Request]]) -> list[list[dict | ElExportError]]:
         """Every group submitted to the shared scheduler at once, then each waited on: they run together with the
-        other model calls' groups. A failed group's requests are retried alone, as in `_answer_grouped`."""
+        other model calls' groups. A long-form group is transcribed here meanwhile, on this model call's thread.
+        A failed group's requests are retried alone, as in `_answer_grouped`."""
         submitted = [self._submit(group) for group in groups]
         results = []
         for group, search in zip(groups, submitted, strict=True):
@@ -206,7 +248,10 @@ class BatchRunner:
                 if isinstance(search, ElExportError):
                     raise search
                 search, request = search
-                results.append(self._crop(search, self._background().wait(request)))
+                if request is None:
+                    results.append(self._transcribe(search))
+                else:
+                    results.append(self._crop(search, self._background().wait(request)))
             except ElExportError as e:
                 if len(group) == 1:
                     results.append([_detached(e)])
@@ -214,10 +259,13 @@ class BatchRunner:
                     results.append([answers[0] for answers in self._answer_inflight([[r] for r in group])])
         return results
 
-    def _submit(self, group: list[_Request]) -> tuple[_Search, Request] | ElExportError:
-        """The group's request, checked (by `Generator.request`: nothing runs) and submitted; or why it was not."""
+    def _submit(self, group: list[_Request]) -> tuple[_Search, Request | None] | ElExportError:
+        """The group's request, checked (by `Generator.request`: nothing runs) and submitted; or why it was not.
+        A long-form group is not submitted (request None): its loop drives a scheduler of its own."""
         try:
             search = self._search_of(group)
+            if search.long_form:
+                return search, None
             request = self.generator.request(**search.call)
         except ElExportError as e:
             return e
@@ -231,7 +279,7 @@ class BatchRunner:
             return self._scheduler
 
     def _parse(self, data: dict, parameters: dict, index: int) -> _Request:
-        kwargs = _check_parameters(parameters, self.caps)
+        kwargs = _check_parameters(parameters, self.caps, self.speech)
         truncation = kwargs.pop("truncation", False)
         names = sorted(name for name, value in data.items() if value is not None)
         kinds = ("audio", "samples") if self.speech else ("text", "input_ids")
@@ -246,12 +294,30 @@ class BatchRunner:
         read = {"text": self._text_items, "input_ids": self._input_ids_items, "audio": self._audio_items,
                 "samples": self._samples_items}[given[0]]  # fmt: skip
         items = read(values, data.get("attention_mask"), truncation)
-        key = tuple(sorted(kwargs.items()))
+        long_form = self.speech and self._long_form(items, kwargs)
+        key = (*sorted(kwargs.items()), ("long-form", long_form))
         if kwargs.get("do_sample") and "seed" in kwargs:  # a seeded draw depends on the batch: run it alone
             key += ("alone", index)
         if self.decoder_only and "max_new_tokens" not in kwargs:  # max_length counts the padded prompt
             key += ("prompt", max(len(ids) for ids in items))
-        return _Request(items, kwargs, key)
+        return _Request(items, kwargs, key, long_form)
+
+    def _long_form(self, items: list[np.ndarray], kwargs: dict) -> bool:
+        """Whether Whisper's long-form loop answers the request, as `generate` decides it (audio past one window, or
+        long-form arguments, the bundle's defaults included); `kwargs` made `transcribe`'s if so, else
+        `generate`'s."""
+        word_timestamps = kwargs.pop("word_timestamps", False)
+        window = self.generator.manifest.audio["chunk_length"]  # seconds
+        long_audio = max(item.size for item in items) > window * self.generator.manifest.audio["sampling_rate"]
+        given = {name: kwargs[name] for name in longform.ARGUMENTS if name in kwargs}
+        settings = longform.settings(given, self.defaults, self.generator.manifest.dims["vocab_size"])
+        if not (long_audio or word_timestamps or not settings.plain):
+            return False
+        if kwargs.pop("return_timestamps", None) is False:  # `transcribe` predicts them
+            raise InvalidArgumentError(f"{f'audio past {window} s' if long_audio else 'this request'} is transcribed "
+                                       "long-form, with timestamps: drop return_timestamps=false")  # fmt: skip
+        kwargs["word_timestamps"] = word_timestamps
+        return True
 
     def _text_items(self, values: np.ndarray, mask, truncation: bool) -> list[list[int]]:
         tokenizer = self.generator.tokenizer
@@ -278,11 +344,14 @@ class BatchRunner:
         return [row[keep != 0].tolist() for row, keep in zip(values, mask, strict=True)]
 
     def _audio_items(self, values: np.ndarray, mask, truncation: bool) -> list[np.ndarray]:
-        audio = self.generator.manifest.audio  # an upload's length is checked before it is decoded or resampled
-        return [load_audio(value if isinstance(value, bytes) else bytes(value), audio["sampling_rate"],
-                           max_seconds=audio["chunk_length"]) for value in values[:, 0]]  # fmt: skip
+        rate = self.generator.manifest.audio["sampling_rate"]  # an upload's length is checked from its header
+        return [load_audio(value if isinstance(value, bytes) else bytes(value), rate, self.caps.max_audio_seconds,
+                           self.caps.audio_limit) for value in values[:, 0]]  # fmt: skip
 
     def _samples_items(self, values: np.ndarray, mask, truncation: bool) -> list[np.ndarray]:
+        rate = self.generator.manifest.audio["sampling_rate"]
+        if values.shape[1] > self.caps.max_audio_seconds * rate:
+            raise too_long("a samples input", values.shape[1], rate, self.caps.max_audio_seconds, self.caps.audio_limit)
         return [row.astype(np.float32) for row in values]
 
     def _search_of(self, requests: list[_Request]) -> _Search:
@@ -290,7 +359,7 @@ class BatchRunner:
         items = [item for request in requests for item in request.items]
         kwargs = requests[0].kwargs
         if self.speech:  # the decoder prompt: only its first token (BART's start) may be an eos
-            return _Search(requests, {"audio": items, **kwargs}, prompt_width=1)
+            return _Search(requests, {"audio": items, **kwargs}, prompt_width=1, long_form=requests[0].long_form)
         if any(len(ids) == 0 for ids in items):
             raise InputError("an input has no tokens; give at least one token per input")
         input_ids, mask = pad_ids(items, self.pad_token_id, self.padding_side)
@@ -329,25 +398,46 @@ class BatchRunner:
         return torch.where(is_eos.any(dim=1), prompt_width + first + 1, sequences.shape[1])
 
     def _answer(self, per_input: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict:
-        """One request's output tensors: [n, R] texts and scores, [n, R, T] sequences (right-padded)."""
-        width = max(seqs.shape[1] for seqs, _, _ in per_input)
-        sequences = torch.stack(
-            [
-                torch.nn.functional.pad(seqs, (0, width - seqs.shape[1]), value=self.pad_token_id)
-                for seqs, _, _ in per_input
-            ]
-        )
+        """One request's output tensors: [n, R] texts and scores, [n, R, T] sequences (right-padded), and for
+        speech [n, 1] segments (none: short-form)."""
         tokenizer = self.generator.tokenizer
         texts = []
         for seqs, _, prompt_length in per_input:
             generated = seqs[:, prompt_length:] if self.decoder_only else seqs
             decoded = tokenizer.decode(generated) if tokenizer is not None else [""] * seqs.shape[0]
             texts.append([text.encode() for text in decoded])
-        return {
+        answer = {
             "text": np.array(texts, dtype=np.object_),
-            "sequences": sequences.numpy(),
+            "sequences": self._right_padded([seqs for seqs, _, _ in per_input]),
             "scores": torch.stack([scores for _, scores, _ in per_input]).numpy().astype(np.float32),
         }
+        if self.speech:
+            answer["segments"] = np.array([[NO_SEGMENTS]] * len(per_input), dtype=np.object_)
+        return answer
+
+    def _transcribe(self, search: _Search) -> list[dict]:
+        """A long-form group's answers: one `transcribe` over its recordings, each request's outputs ([n, 1] text,
+        [n, 1, T] sequences: the segments' tokens one after another, as `generate` returns them, NaN scores, and the
+        transcripts' JSON as segments)."""
+        transcripts = self.generator.transcribe(**search.call)
+        answers, first = [], 0
+        for request in search.requests:
+            mine: list[Transcript] = transcripts[first : first + len(request.items)]
+            first += len(request.items)
+            tokens = [torch.tensor([[t for s in tr.segments for t in s.tokens]], dtype=torch.int64) for tr in mine]
+            answers.append({
+                "text": np.array([[tr.text.encode()] for tr in mine], dtype=np.object_),
+                "sequences": self._right_padded(tokens),
+                "scores": np.full((len(mine), 1), math.nan, dtype=np.float32),
+                "segments": np.array([[to_json_text(tr).encode()] for tr in mine], dtype=np.object_),
+            })  # fmt: skip
+        return answers
+
+    def _right_padded(self, sequences: list[torch.Tensor]) -> np.ndarray:
+        """Per input [R, T_i] -> [n, R, max T_i], padded on the right with the pad id."""
+        width = max(seqs.shape[1] for seqs in sequences)
+        padded = [F.pad(seqs, (0, width - seqs.shape[1]), value=self.pad_token_id) for seqs in sequences]
+        return torch.stack(padded).numpy()
 
 
 def _detached(error: ElExportError) -> ElExportError:
@@ -358,14 +448,21 @@ def _detached(error: ElExportError) -> ElExportError:
     return error
 
 
-def _check_parameters(parameters: dict, caps: RequestCaps) -> dict:
-    """Request parameters -> generation arguments, with every unknown name, wrong type or value over a cap refused."""
+def _check_parameters(parameters: dict, caps: RequestCaps, speech: bool) -> dict:
+    """Request parameters -> generation arguments, with every unknown name, wrong type, value over a cap, or speech
+    parameter of a text bundle refused."""
     unknown = sorted(set(parameters) - set(PARAMETERS))
     if unknown:
         raise InvalidArgumentError(f"unknown parameter {', '.join(unknown)}; known: {', '.join(PARAMETERS)}")
+    if not speech and (speech_only := [name for name in SPEECH_PARAMETERS if name in parameters]):
+        raise InvalidArgumentError(f"parameter {', '.join(speech_only)}: for speech bundles (Whisper transcription) "
+                                   "only; this bundle takes text")  # fmt: skip
     for name, value in parameters.items():
         types = PARAMETERS[name]
         if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            if name == "temperature":  # openai-whisper's fallback schedule
+                raise InvalidArgumentError("parameter temperature must be one number: a schedule of fallback "
+                                           "temperatures (a list) is not a Triton parameter type")  # fmt: skip
             raise InvalidArgumentError(f"parameter {name} must be {' or '.join(t.__name__ for t in types)}")
     kwargs = dict(parameters)
     if isinstance(kwargs.get("early_stopping"), str) and kwargs["early_stopping"] != "never":

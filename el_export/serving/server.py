@@ -22,7 +22,7 @@ from multiprocessing.connection import Listener
 from pathlib import Path
 
 from el_export.errors import BackendError, InvalidArgumentError, first_line
-from el_export.serving.batching import BATCHING, BatchRunner, RequestCaps, model_inputs
+from el_export.serving.batching import BATCHING, BatchRunner, RequestCaps
 from el_export.serving.stub import check_python_stub
 
 
@@ -245,8 +245,7 @@ class Server:
             (model_dir / "1").mkdir(parents=True)
             (model_dir / "1" / "model.py").write_text(FORWARDING_MODEL_PY, encoding="utf-8")
             parameters = {"el_export_address": self._address, "el_export_authkey": self._authkey.hex()}
-            inputs = model_inputs(runner.generator.manifest)
-            text = model_config(inputs, config, parameters, config.model_instances)
+            text = model_config(runner.generator.manifest, config, parameters, config.model_instances)
             (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
             self._triton = TritonProcess(self._root / "models", config.host, config.http_port, config.grpc_port,
                                          metrics_port=config.metrics_port, log=config.log_file)  # fmt: skip

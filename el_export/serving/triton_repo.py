@@ -22,7 +22,7 @@ from pathlib import Path
 
 from el_export.contract.files import read_manifest
 from el_export.errors import InvalidArgumentError
-from el_export.serving.batching import OUTPUTS, RequestCaps, ServingTensor, model_inputs
+from el_export.serving.batching import RequestCaps, ServingTensor, model_inputs, model_outputs
 from el_export.serving.forward import read_batch, responses
 from el_export.serving.process import TritonProcess
 from el_export.serving.server import ServeConfig, check_ports_free, make_runner
@@ -67,15 +67,14 @@ def write_repository(bundle_dir: str | os.PathLike, out: str | os.PathLike, conf
     parameters = {"el_export_backend": backend, "el_export_batching": config.batching}
     parameters |= {f"el_export_{name}": str(value) for name, value in dataclasses.asdict(config.caps).items()}
     parameters |= {f"el_export_{name}": str(getattr(config, name) or "") for name in _RUNNING_BATCH_CAPS}
-    text = model_config(model_inputs(manifest), config, parameters, config.instances or 1)
+    text = model_config(manifest, config, parameters, config.instances or 1)
     (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
     return model_dir
 
 
-def model_config(inputs: tuple[ServingTensor, ...], config: ServeConfig, parameters: dict[str, str],
-                 instances: int) -> str:  # fmt: skip
-    """config.pbtxt text: Python backend, optional inputs (ragged where lengths vary), the outputs of `serve`,
-    `instances` model instances, and `parameters` (strings) for the model."""
+def model_config(manifest, config: ServeConfig, parameters: dict[str, str], instances: int) -> str:
+    """config.pbtxt text: Python backend, the bundle's inputs (optional, ragged where lengths vary) and outputs
+    (`model_inputs`, `model_outputs`), `instances` model instances, and `parameters` (strings) for the model."""
 
     def tensor(spec: ServingTensor, is_input: bool) -> str:
         fields = [f'name: "{spec.name}"', f"data_type: {_TRITON_TYPES[spec.dtype]}", f"dims: {list(spec.shape)}"]
@@ -89,8 +88,8 @@ def model_config(inputs: tuple[ServingTensor, ...], config: ServeConfig, paramet
         f'name: "{config.model_name}"',
         'backend: "python"',
         f"max_batch_size: {config.max_batch_size}",
-        "input [\n" + ",\n".join(tensor(s, True) for s in inputs) + "\n]",
-        "output [\n" + ",\n".join(tensor(s, False) for s in OUTPUTS) + "\n]",
+        "input [\n" + ",\n".join(tensor(s, True) for s in model_inputs(manifest)) + "\n]",
+        "output [\n" + ",\n".join(tensor(s, False) for s in model_outputs(manifest)) + "\n]",
         f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]",
         *(f"parameters: {{ key: {json.dumps(k)} value: {{ string_value: {json.dumps(v)} }} }}"
           for k, v in parameters.items()),
@@ -108,14 +107,14 @@ class TritonPythonModel:
 
         parameters = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         bundle = Path(args["model_repository"]) / args["model_version"] / "bundle"
-        given = {f.name: parameters.get(f"el_export_{f.name}") for f in dataclasses.fields(RequestCaps)}
-        caps = RequestCaps(**{name: int(value) for name, value in given.items() if value})  # older ones: defaults
+        given = {f: parameters.get(f"el_export_{f.name}") for f in dataclasses.fields(RequestCaps)}
+        caps = RequestCaps(**{f.name: type(f.default)(value) for f, value in given.items() if value})  # older: defaults
         batch_caps = {name: parameters.get(f"el_export_{name}") for name in _RUNNING_BATCH_CAPS}
         batching = parameters.get("el_export_batching", "group")  # repositories written before it: group
         config = ServeConfig(caps=caps, batching=batching, **{k: int(v) for k, v in batch_caps.items() if v})
         self.runner = make_runner(el_export.load(bundle, backend=parameters["el_export_backend"]), config)
         self.inputs = [spec.name for spec in model_inputs(self.runner.generator.manifest)]
-        self.outputs = [spec.name for spec in OUTPUTS]
+        self.outputs = [spec.name for spec in model_outputs(self.runner.generator.manifest)]
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils  # only inside Triton's Python-backend stub

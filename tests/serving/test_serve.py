@@ -231,17 +231,6 @@ def test_decoder_only_prompts_of_different_lengths_share_a_search(bundles, runne
             _assert_answer_equals(answer, generator.inner.generate(input_ids=[prompt], **parameters))
 
 
-@pytest.fixture(scope="module")
-def whisper_bundle(tmp_path_factory):
-    """A tiny Whisper whose encoder takes 30 s of audio (3000 frames), so audio goes in whole."""
-    from el_export.export import export_model
-    from el_export.testing.tiny import tiny_model
-
-    out = tmp_path_factory.mktemp("whisper") / "bundle"
-    export_model(tiny_model("whisper", seed=0, max_source_positions=1500), out, mode="el", progress=False)
-    return out
-
-
 def test_speech_takes_audio_files_and_samples(whisper_bundle):
     import soundfile
 
@@ -327,8 +316,10 @@ def test_help_lists_the_batching_options(command, capsys):
     assert all(option in out for option in ("--max-batch-size", "--max-queue-delay-us", "--instances", "--backend"))
     caps = RequestCaps()  # the request caps, with the library's defaults
     for flag, default in (("--max-num-beams", caps.max_num_beams), ("--max-new-tokens-limit", caps.max_new_tokens),
-                          ("--max-text-bytes", caps.max_text_bytes)):  # fmt: skip
-        assert re.search(f"{flag} {flag.removeprefix('--').upper().replace('-', '_')} .*?\\(default {default}\\)", out)
+                          ("--max-text-bytes", caps.max_text_bytes),
+                          ("--max-audio-seconds", caps.max_audio_seconds)):  # fmt: skip
+        metavar = flag.removeprefix("--").upper().replace("-", "_")
+        assert re.search(f"{flag} {metavar} .*?\\(default {default:g}\\)", out)
 
 
 @pytest.mark.parametrize(
@@ -339,6 +330,8 @@ def test_help_lists_the_batching_options(command, capsys):
         (["--max-batch-size", "0"], "at least 1"),
         (["--model-name", "a/b"], "use letters, digits"),
         (["--max-num-beams", "0"], "--max-num-beams must be at least 1, got 0"),
+        (["--max-audio-seconds", "0.5"], "--max-audio-seconds must be at least 1, got 0.5"),
+        (["--max-audio-seconds", "nan"], "--max-audio-seconds must be a finite number, got nan"),
         (["--host", "192.0.2.1"], "--host 192.0.2.1 is not an address of this machine"),  # TEST-NET-1: nobody's
     ],
 )
