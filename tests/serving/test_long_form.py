@@ -10,7 +10,6 @@ import io
 import json
 import re
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -83,22 +82,32 @@ def test_a_long_and_a_short_request_in_one_batch_equal_the_library_alone(meeting
     _assert_short_answer(short_answer, meeting)
 
 
-def test_a_short_request_is_answered_while_a_long_form_one_runs(meeting):
-    """The long-form loop runs on its model call's thread: the scheduler thread goes on with the other calls."""
-    done: dict[str, float] = {}
+def test_a_short_request_is_answered_while_a_long_form_one_runs(meeting, monkeypatch):
+    """The long-form loop runs on its model call's thread: the scheduler thread goes on with the other calls. The
+    long one is held inside `transcribe` until the short one is answered (it would wait forever were they
+    serialised: the hold times out and the test fails)."""
     answers: dict[str, dict] = {}
-    with BatchRunner(meeting.generator) as runner:
+    short_answered, long_started = threading.Event(), threading.Event()
+    generator = meeting.generator
+    transcribe = generator.transcribe
+
+    def held(*args, **kwargs):
+        long_started.set()
+        assert short_answered.wait(timeout=60), "the short request waited for the long-form one"
+        return transcribe(*args, **kwargs)
+
+    monkeypatch.setattr(generator, "transcribe", held)
+    with BatchRunner(generator) as runner:
 
         def send(name: str, request: dict) -> None:
             answers[name] = runner([(request, {})])[0]
-            done[name] = time.monotonic()
 
         long_call = threading.Thread(target=send, args=("long", meeting.long_request))
         long_call.start()
-        time.sleep(0.5)  # the long one is in its first window
+        assert long_started.wait(timeout=60)
         send("short", meeting.short_request)
+        short_answered.set()
         long_call.join(timeout=120)
-    assert "long" in done and done["long"] - done["short"] > 1.0, done
     _assert_long_form_answer(answers["long"], meeting)
     _assert_short_answer(answers["short"], meeting)
 
