@@ -89,27 +89,33 @@ class GraphDecoder:
         k = self.k = rows_per_input
         B = prompt_ids.shape[0]
         device = self.backend.device
+        # A decoder prompt runs once per input (its k rows would compute the same), and is copied to k rows after.
+        fed = k if "logits" in self.context else 1
         self.state = {}
         for name, spec in self.specs.items():
             if name == "past_mask" and "context" in spec.shape:  # the past is the prompt's K/V (decoder-only)
-                self.state[name] = self.context["prompt_mask"].repeat_interleave(k, dim=0)
+                self.state[name] = self.context["prompt_mask"].repeat_interleave(fed, dim=0)
             elif name.startswith("past_") and name not in self.context:
-                shape = [0 if a == "past" else B * k if a == "rows" else a for a in spec.shape]
+                shape = [0 if a == "past" else B * fed if a == "rows" else a for a in spec.shape]
                 self.state[name] = torch.zeros(shape, dtype=torch_dtype(spec.dtype), device=device)
             elif "rows" in spec.shape:
-                self.state[name] = self.context[name].repeat_interleave(k, dim=spec.shape.index("rows"))
+                self.state[name] = self.context[name].repeat_interleave(fed, dim=spec.shape.index("rows"))
             else:
                 self.state[name] = self.context[name]
         context, self.context = self.context, {}  # the state holds what is needed: dropped inputs are freed
         if "logits" in context:  # the prompt already ran (decoder-only prefill)
             return context["logits"].repeat_interleave(k, dim=0)
-        rows = prompt_ids.to(device).repeat_interleave(k, dim=0)  # [N, P]
-        real = None if prompt_mask is None else prompt_mask.to(device).repeat_interleave(k, dim=0)
+        rows = prompt_ids.to(device)  # [B, P]
+        real = None if prompt_mask is None else prompt_mask.to(device)
         for p in range(rows.shape[1]):
             logits = self.step(rows[:, p : p + 1])
             if real is not None:  # a padding token's entry is never attended; positions count real entries
                 self.state["past_mask"][:, -1] = real[:, p]
-        return logits
+        if k > 1:
+            for name, spec in self.specs.items():
+                if "rows" in spec.shape:
+                    self.state[name] = self.state[name].repeat_interleave(k, dim=spec.shape.index("rows"))
+        return logits.repeat_interleave(k, dim=0)
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.step_outputs(input_ids)["logits"]
