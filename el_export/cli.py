@@ -277,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="BUNDLE: unset: 32; speech: whole transcripts")
     p.add_argument("--batch-size", type=int, metavar="B", help="BUNDLE: inputs per generate call (unset: 8)")
     p.add_argument("--workloads", help="built-in: comma-separated W1 (BART), W2 (batch growth), W3 (Whisper "
-                   "tiny.en), W4 (GPT-2), W5, W6 (varied lengths: Whisper, BART), W7 (long-form Whisper on 5.5 min "
-                   "of speech) (unset: all but W7)")  # fmt: skip
+                   "tiny.en), W4 (GPT-2), W5, W6 (varied lengths: Whisper, BART), W7, W7p (long-form Whisper on "
+                   "5.5 min of speech; W7p with previous text) (unset: all but W7, W7p)")  # fmt: skip
     p.add_argument("--profile", choices=("full", "smoke"),
                    help="built-in: full measures; smoke runs the harness on tiny models (unset: full)")  # fmt: skip
     p.add_argument("--work", type=Path, help="checkpoints and bundles made for the bench, reused (unset: "
@@ -844,7 +844,7 @@ def _bench(args) -> int:
     for key, value in report["summary"].items():
         if key.startswith("W3/") and "identical_transcripts" in value:
             print(f"{key}: {value['identical_transcripts']}/{value['clips']} identical transcripts")
-        if key.startswith("W7/") and "real_time_factor" in value:  # long-form: speed against audio, and accuracy
+        if key.startswith(("W7/", "W7p/")) and "real_time_factor" in value:  # long-form: speed and accuracy
             same = value.get("identical_tokens_and_timestamps")
             same = "" if same is None else f", tokens and timestamps as HF's on {same}/{value['recordings']}"
             print(f"{key}: real-time factor {value['real_time_factor']:.3f}, WER {value['wer']:.1%}{same}")

@@ -62,9 +62,11 @@ VARIED_ENGINES = ("el", "el-static", "kv", "hf", "ct2-float32")  # W6's; W5 adds
 LONG_FORM_ENGINES = ("el", "hf", "faster-whisper")  # W7's
 W5_GOAL = 1.3  # el's total time against CTranslate2 float32's on W5
 # W7's decoding, the same for every engine: beam search at temperature 0 only, with no fallback (no compression-ratio,
-# log-prob or no-speech threshold: tiny.en's generation config sets none, so HF's loop never falls back), each window
-# conditioned on the text before it, as openai's and faster-whisper's transcribe do by default.
-W7_DECODING = {"num_beams": 5, "condition_on_prev_tokens": True, "temperature": 0.0}
+# log-prob or no-speech threshold: tiny.en's generation config sets none, so HF's loop never falls back), and, as in
+# HF's run by default, no previous text. W7p conditions each window on the text before it, as openai's and
+# faster-whisper's transcribe do by default (up to 224 prompt tokens per window).
+W7_DECODING = {"num_beams": 5, "condition_on_prev_tokens": False, "temperature": 0.0}
+LONG_FORM_DECODINGS = {"W7": W7_DECODING, "W7p": {**W7_DECODING, "condition_on_prev_tokens": True}}
 W7_FALLBACK = "none: temperature 0 only, no compression-ratio, log-prob or no-speech threshold"
 WARM_UP_S = 5.0  # W7: each engine first transcribes this much of the first recording, untimed
 
@@ -116,6 +118,7 @@ PROFILES = {p.name: p for p in (
                                                         "ct2-int8", "faster-whisper"), clips="spoken"),
         "W6": Spec("W6", "bart", 32, 128, 4, None, VARIED_ENGINES, varied_new_tokens=(8, 128)),
         "W7": Spec("W7", "whisper", 1, 1500, 5, None, LONG_FORM_ENGINES, clips="long"),
+        "W7p": Spec("W7p", "whisper", 1, 1500, 5, None, LONG_FORM_ENGINES, clips="long"),
     }, w2_points=12, step_weights=40),
     Profile("smoke", BART_TINY, GPT2_TINY, {
         "W1": Spec("W1", "bart", 2, 32, 4, 8, ("el", "kv", "hf", "ct2-float32")),
@@ -779,7 +782,7 @@ def _builtin_job(engine: str, spec: Spec, batch: int, paths: dict, threads: int,
     if spec.long_form:  # every recording, each transcribed alone under W7's decoding
         recordings = [str(r) for r in long_speech.build_recordings(Path(paths["long"]), _long_recordings(profile))]
         return Job(engine, spec.name, "long-speech", {k: str(v) for k, v in paths.items()}, [recordings],
-                   dict(W7_DECODING), eos, prompt, threads, measure_cache=False)  # fmt: skip
+                   dict(LONG_FORM_DECODINGS[spec.name]), eos, prompt, threads, measure_cache=False)  # fmt: skip
     if spec.model == "whisper" and spec.clips == "spoken":
         clips = build_clips(Path(paths["clips"]))  # made by run_bench; here only checked against its record
         chunks = [[str(clips[i * len(clips) // batch]) for i in range(batch)]]
@@ -1195,29 +1198,31 @@ def _add_builtin_summary(summary: dict, report: dict, runs: dict, root: Path) ->
     if el and ct2:
         speedup = ct2["total_s"] / el["total_s"]
         summary["W5/el_vs_ct2_float32"] = {"speedup": speedup, "goal": W5_GOAL, "met": speedup >= W5_GOAL}
-    if any(workload == "W7" for workload, _ in runs):
-        _add_long_form_summary(summary, runs, sizes)
+    for name in LONG_FORM_DECODINGS:
+        if any(workload == name for workload, _ in runs):
+            _add_long_form_summary(summary, runs, sizes, name)
 
 
-def _add_long_form_summary(summary: dict, runs: dict, profile: Profile) -> None:
+def _add_long_form_summary(summary: dict, runs: dict, profile: Profile, name: str) -> None:
     """W7: each engine's real-time factor and word error rate against the text spoken, whether el's tokens and
     segment timestamps are HF's on every recording, and the goal: el faster than faster-whisper."""
     texts = [long_speech.recording_text(r) for r in _long_recordings(profile)]
-    hf = runs.get(("W7", "hf"))
+    hf = runs.get((name, "hf"))
     for engine in LONG_FORM_ENGINES:
-        if (r := runs.get(("W7", engine))) is None:
+        if (r := runs.get((name, engine))) is None:
             continue
-        summary[f"W7/{engine}"] |= {"audio_s": r["audio_s"], "real_time_factor": r["total_s"] / r["audio_s"],
+        summary[f"{name}/{engine}"] |= {"audio_s": r["audio_s"], "real_time_factor": r["total_s"] / r["audio_s"],
                                     "wer": long_speech.word_error_rate(texts, r["transcripts"])}  # fmt: skip
         if hf and not r["not_compared"] and engine != "hf":
             ours, theirs = (list(zip(x["outputs"], x["segments"], strict=True)) for x in (r, hf))
             same = sum(a == b for a, b in zip(ours, theirs, strict=True))  # (tokens, segment times) of each recording
-            summary[f"W7/{engine}"] |= {"identical_tokens_and_timestamps": same, "recordings": len(texts)}
-    el, faster_whisper = runs.get(("W7", "el")), runs.get(("W7", "faster-whisper"))
+            summary[f"{name}/{engine}"] |= {"identical_tokens_and_timestamps": same, "recordings": len(texts)}
+    el, faster_whisper = runs.get((name, "el")), runs.get((name, "faster-whisper"))
     if el and faster_whisper:
         speedup = faster_whisper["total_s"] / el["total_s"]
-        summary["W7/el_vs_faster-whisper"] = {"speedup": speedup, "goal": "el faster", "met": speedup > 1}
-    summary["W7/decoding"] = {**W7_DECODING, "fallback": W7_FALLBACK, "wer_normalisation": long_speech.NORMALISATION}
+        summary[f"{name}/el_vs_faster-whisper"] = {"speedup": speedup, "goal": "el faster", "met": speedup > 1}
+    summary[f"{name}/decoding"] = {**LONG_FORM_DECODINGS[name], "fallback": W7_FALLBACK,
+                                   "wer_normalisation": long_speech.NORMALISATION}  # fmt: skip
 
 
 def plot(report: dict, path: Path) -> None:
