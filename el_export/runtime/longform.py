@@ -416,7 +416,6 @@ class LongForm:
 
     def _request(self, group: list[_Recording], temperature, lengths: dict, results: list) -> Request:
         generator, settings = self.generator, self.settings
-        do_sample = temperature is not None and temperature > 0.0
         prompts = [r.prompt for r in group]
         P = max(len(p) for p in prompts)
         prompt = torch.full((len(group), P), self.pad, dtype=torch.int64)
@@ -427,8 +426,8 @@ class LongForm:
         length = lengths[group[0].index] if len(group) == 1 else self._lengths(self.batch_max_length)
         kwargs = {k: v for k, v in self.call.kwargs.items()
                   if k not in _SEARCH_SET_PER_ATTEMPT and k not in ("max_length", "max_new_tokens")}  # fmt: skip
-        kwargs.update(length, do_sample=do_sample, temperature=temperature if do_sample else 1.0,
-                      num_beams=group[0].num_beams or self.user_num_beams)  # fmt: skip
+        kwargs.update(length, num_beams=group[0].num_beams or self.user_num_beams)
+        kwargs.update(settings.search_kwargs(temperature))
         options = generator._options(replace(self.call, kwargs=kwargs), P, True)
         init_length = len(group[0].init)
         no_speech = None
