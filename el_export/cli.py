@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="graph precision; float16 keeps the modules a family knows to overflow in float32",
     )
     p.add_argument("--quantize", choices=("int8",),
-                   help="int8 weights (ONNX Runtime dynamic quantization; CPU) (unset: float weights)")  # fmt: skip
+                   help="int8 weight products for ONNX Runtime on CPU (README 'int8') (unset: float weights)")
+    p.add_argument("--quantize-recipe", metavar="NAME|FILE",
+                   help="with --quantize int8: a built-in recipe (default, tensor) or a recipe JSON file: per "
+                        "graph row or tensor activation scales, the modules kept float32 and why (unset: default)")
     p.add_argument("--opset", type=int, help="ONNX opset, 18 to 24 (unset: the exporter's)")
     p.add_argument("--atol", type=float, help="accuracy check: absolute tolerance (unset: scaled to each output's "
                    "peak and the model's width; see el_export/tolerance.py)")  # fmt: skip
@@ -465,7 +468,7 @@ def _export(args) -> int:
         flags = [f"--{k.replace('_', '-')}" for k in given] + (["--threads"] if args.threads is not None else [])
         raise InvalidArgumentError(f"{', '.join(flags)} only apply to --mode auto (the workload it times)")
     out = args.out or DEFAULT_OUT / f"{Path(args.model.rstrip('/')).name}-{args.mode}"
-    options = {name: getattr(args, name) for name in ("dtype", "quantize", "opset", "atol", "rtol")}
+    options = {name: getattr(args, name) for name in ("dtype", "quantize", "quantize_recipe", "opset", "atol", "rtol")}
     check_options(mode=args.mode, **options)  # before the checkpoint loads
     hf_model, tokenizer = load_checkpoint(args.model)
     manifest = export_model(

@@ -23,15 +23,15 @@ def hf_models():
 
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory, hf_models):
-    """(family, mode) -> bundle directory exported from the tiny model (exported on first use)."""
+    """(family, mode[, quantize]) -> bundle directory exported from the tiny model (exported on first use)."""
     cache = {}
 
-    def get(family: str, mode: str):
-        if (family, mode) not in cache:
-            out = tmp_path_factory.mktemp("bundles") / f"{family}-{mode}"
-            export_model(hf_models(family), out, mode=mode, progress=False)
-            cache[family, mode] = out
-        return cache[family, mode]
+    def get(family: str, mode: str, quantize: str | None = None):
+        if (family, mode, quantize) not in cache:
+            out = tmp_path_factory.mktemp("bundles") / f"{family}-{mode}{'-' + quantize if quantize else ''}"
+            export_model(hf_models(family), out, mode=mode, quantize=quantize, progress=False)
+            cache[family, mode, quantize] = out
+        return cache[family, mode, quantize]
 
     return get
 

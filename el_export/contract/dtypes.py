@@ -3,9 +3,9 @@
 torch and numpy are imported on use, so reading a manifest needs neither.
 """
 
-NAMES = ("int64", "float32", "float16", "bfloat16")
+NAMES = ("int64", "float32", "float16", "bfloat16", "int8")  # int8: an int8 bundle's quantized encoder output
 FLOAT_NAMES = ("float32", "float16", "bfloat16")
-BYTES = {"int64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+BYTES = {"int64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
 def torch_dtype(name: str):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from el_export.contract.dtypes import NAMES
+from el_export.contract.quantization import check_record
 from el_export.errors import BundleError
 
 FORMAT = "el-export-bundle"
@@ -62,7 +63,8 @@ class Manifest:
     exporter: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     fp32_modules: dict = field(default_factory=dict)  # {"modules": [...], "reason": ...} in fp16 bundles
-    quantization: str = ""  # "int8": ONNX Runtime dynamic int8 weights in the float32 graphs
+    # int8 graphs: the recipe and what each graph got (contract.quantization.check_record); empty: float weights
+    quantization: dict = field(default_factory=dict)
     audio: dict = field(default_factory=dict)  # speech models: feature settings and the mel filter file
     engines: dict = field(default_factory=dict)  # TensorRT engines, once built (el_export.trt.build)
     mode_choice: dict = field(default_factory=dict)  # --mode auto: the workload and both modes' measured seconds
@@ -169,9 +171,7 @@ class Manifest:
                 raise BundleError(
                     f"manifest field 'audio' needs positive integer {', '.join(fields)} and a listed mel_filters file"
                 )
-        quantization = data.get("quantization") or ""
-        if quantization not in ("", "int8"):
-            raise BundleError(f"manifest field 'quantization' is {quantization!r}; expected int8 or nothing")
+        quantization = check_record(data.get("quantization"))
         mode_choice = data.get("mode_choice") or {}
         if mode_choice and mode_choice.get("chosen") != data["mode"]:
             chosen = mode_choice.get("chosen")

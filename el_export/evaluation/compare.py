@@ -13,7 +13,9 @@
 Verdicts: PASS and FAIL hold float32 to equal token sequences and sequence scores within tolerance.
 Reduced precision (float16 / bfloat16 graphs or engines, int8 weights) may pick other tokens than HF in
 float32 by rounding alone, so its generation checks report agreement instead: AGREE (every sequence
-equal) or DIFFER (with how many sequences differ and from which step), never PASS.
+equal) or DIFFER (with how many sequences differ and from which step), never PASS, with the figures
+(agreement.py): tokens equal at equal positions, and for speech the transcripts identical to HF's and the
+word error rate against them. HF always runs in float32.
 """
 
 import time
@@ -26,6 +28,7 @@ import torch
 
 from el_export import logs
 from el_export.errors import CheckpointError, InvalidArgumentError
+from el_export.evaluation.agreement import first_difference, token_agreement, transcript_agreement
 from el_export.export.graphs import graphs_for, sample_inputs
 from el_export.runtime.tokenizer import padding
 from el_export.tolerance import GRAPH_TOLERANCE, SCORE_TOLERANCE, graph_atol, graph_close
@@ -61,7 +64,13 @@ class Check:
     sequences_differing: int | None = None
     first_differing_step: int | None = None  # generated tokens before the first that differs (prompt excluded)
     score_error: float | None = None  # beam search with equal tokens: max |sequences_scores - HF's|
-    transcripts_differing: int | None = None  # speech bundles with a tokenizer
+    token_agreement: float | None = None  # generate: generated tokens equal at equal positions / tokens_compared
+    tokens_compared: int | None = None
+    transcripts: int | None = None  # speech bundles with a tokenizer: transcripts compared with HF's
+    transcripts_identical: int | None = None
+    transcripts_differing: int | None = None
+    word_error_rate: float | None = None  # against HF's transcripts (words as written); None: HF's hold no words
+    reference_words: int | None = None  # HF's words, the rate's denominator
 
     @property
     def passed(self) -> bool:
@@ -79,6 +88,7 @@ class Report:
     reference: str
     precision: str  # "float32", "float16", "bfloat16" (graphs or engines) or "int8" (weights)
     checks: list[Check] = field(default_factory=list)
+    recipe: str | None = None  # int8: the name of the recipe the bundle was quantized with
 
     @property
     def verdict(self) -> str:
@@ -96,24 +106,56 @@ class Report:
             return f"FAIL: {', '.join(c.name for c in self.checks if c.verdict == FAIL)}"
         generation = [c for c in self.checks if c.sequences is not None]
         total = sum(c.sequences for c in generation)
-        graphs = "int8 graphs well-formed" if self.precision == "int8" else f"graphs within {self.precision} tolerance"
-        if verdict == DIFFER:
+        if self.precision == "int8":
+            graphs = f"int8{f' (recipe {self.recipe})' if self.recipe else ''} graphs well-formed"
+        else:
+            graphs = f"graphs within {self.precision} tolerance"
+        if verdict == PASS:
+            scores = f"scores within {SCORE_TOLERANCE:.0e}"
+            return f"PASS: {graphs}; tokens equal HF generate's on all {total} sequences, {scores}"
+        if verdict == AGREE:
+            tokens = f"tokens equal HF generate's on all {total} sequences"
+        else:
             differing = sum(c.sequences_differing for c in generation)
             step = min(c.first_differing_step for c in generation if c.sequences_differing)
-            return f"DIFFER: {graphs}; tokens differ on {differing} of {total} sequences, first at step {step}"
-        scores = f", scores within {SCORE_TOLERANCE:.0e}" if verdict == PASS else ""
-        return f"{verdict}: {graphs}; tokens equal HF generate's on all {total} sequences{scores}"
+            tokens = f"tokens differ on {differing} of {total} sequences, first at step {step}"
+            rate = _weighted(generation, "token_agreement", "tokens_compared")
+            tokens += f", {rate:.1%} of tokens equal" if rate is not None else ""
+        return f"{verdict}: {graphs}; {tokens}{_transcripts_summary(generation)}"
 
     def to_json(self) -> dict:
         return {
             "bundle": self.bundle,
             "reference": self.reference,
             "precision": self.precision,
+            "recipe": self.recipe,
             "verdict": self.verdict,
             "exit_code": self.exit_code,
             "summary": self.summary(),
             "checks": [c.to_json() for c in self.checks],
         }
+
+
+def _weighted(checks: list[Check], rate: str, count: str) -> float | None:
+    """The rate over all `checks` together: each check's `rate` weighted by its `count` (its denominator)."""
+    counted = [c for c in checks if getattr(c, rate) is not None and getattr(c, count)]
+    total = sum(getattr(c, count) for c in counted)
+    return sum(getattr(c, rate) * getattr(c, count) for c in counted) / total if total else None
+
+
+def _transcripts_summary(checks: list[Check]) -> str:
+    """The transcript figures of `checks` together, or "" where none has transcripts."""
+    speech = [c for c in checks if c.transcripts is not None]
+    if not speech:
+        return ""
+    identical, transcripts = sum(c.transcripts_identical for c in speech), sum(c.transcripts for c in speech)
+    return _transcripts_phrase(identical, transcripts, _weighted(speech, "word_error_rate", "reference_words"))
+
+
+def _transcripts_phrase(identical: int, transcripts: int, word_error_rate: float | None) -> str:
+    """The transcript figures as reduced-precision details and summaries say them."""
+    wer = "no WER (HF's transcripts hold no words)" if word_error_rate is None else f"WER {word_error_rate:.1%}"
+    return f"; transcripts identical {identical}/{transcripts}, {wer} vs HF float32"
 
 
 @dataclass(frozen=True)
@@ -192,7 +234,7 @@ def engine_dtype(manifest) -> str:
 def precision_of(manifest, backend: str = "onnxruntime") -> str:
     """What a bundle's numbers are held to: "int8" for int8 weights, else the dtype its graphs (engines) compute in."""
     if manifest.quantization:
-        return manifest.quantization
+        return manifest.quantization["method"]
     return engine_dtype(manifest) if backend == "tensorrt" else manifest.dtype
 
 
@@ -315,59 +357,40 @@ def compare_generation(
 def _generation_check(name: str, ours, ref, label: str, precision: str, pad: int | None, decode=None) -> Check:
     got, expected = ours.sequences.cpu(), ref.sequences
     prompt_length = expected.shape[1] - len(ref.scores)  # HF: sequences are the prompt, then one token per score
-    sequences, differing, step = token_agreement(got, expected, prompt_length, pad)
-    figures = {"sequences": sequences, "sequences_differing": differing, "first_differing_step": step}
+    tokens = token_agreement(got, expected, prompt_length, pad)
+    sequences, differing, step = tokens.sequences, tokens.sequences_differing, tokens.first_differing_step
+    figures = {"sequences": sequences, "sequences_differing": differing, "first_differing_step": step,
+               "token_agreement": tokens.rate, "tokens_compared": tokens.tokens_compared}  # fmt: skip
+    reduced = precision != "float32"
     detail = f"{label}, {sequences} sequences of up to {got.shape[1]} tokens"
     if differing:
-        where = _first_difference(got, expected, pad)
+        where = first_difference(got, expected, pad)
         detail += f": tokens differ on {differing} of {sequences}, first at step {step} ({where})"
+        if reduced:
+            detail += f"; {tokens.rate:.1%} of {tokens.tokens_compared} tokens equal"
     else:
         detail += ": tokens equal"
         if ours.sequences_scores is not None and ref.get("sequences_scores") is not None:
             figures["score_error"] = float((ours.sequences_scores.cpu() - ref.sequences_scores).abs().max())
-            bound = f"tolerance {SCORE_TOLERANCE:.0e}" if precision == "float32" else f"not bounded in {precision}"
+            bound = f"not bounded in {precision}" if reduced else f"tolerance {SCORE_TOLERANCE:.0e}"
             detail += f", scores max abs error {figures['score_error']:.1e} ({bound})"
     if decode is not None:
-        texts = sum(a != b for a, b in zip(decode(got), decode(expected), strict=False))
-        figures["transcripts_differing"] = texts
-        detail += f"; transcripts differ on {texts} of {sequences}" if texts else "; transcripts equal"
-    if precision == "float32":
+        texts = transcript_agreement(decode(got), decode(expected))
+        figures |= {"transcripts": texts.transcripts, "transcripts_identical": texts.identical,
+                    "transcripts_differing": texts.transcripts - texts.identical,
+                    "word_error_rate": texts.word_error_rate, "reference_words": texts.reference_words}  # fmt: skip
+        if reduced:
+            detail += _transcripts_phrase(texts.identical, texts.transcripts, texts.word_error_rate)
+        elif texts.identical < texts.transcripts:
+            detail += f"; transcripts differ on {texts.transcripts - texts.identical} of {texts.transcripts}"
+        else:
+            detail += "; transcripts equal"
+    if not reduced:
         ok = not differing and figures.get("score_error", 0.0) <= SCORE_TOLERANCE
         verdict, tolerance = (PASS if ok else FAIL), {"score": SCORE_TOLERANCE}
     else:
         verdict, tolerance, detail = (DIFFER if differing else AGREE), None, f"{precision}: {detail}"
     return Check(name, verdict, detail, tolerance=tolerance, **figures)
-
-
-def token_agreement(
-    ours: torch.Tensor, reference: torch.Tensor, prompt_length: int, pad: int | None = None
-) -> tuple[int, int, int | None]:
-    """(sequences, sequences that differ, generated tokens before the first difference or None) of two [N, L]
-    id tensors. Trailing `pad` tokens are not compared: a batch is as wide as its longest sequence, so one
-    sequence that differs in length changes the width of every other. A sequence missing from one side, or
-    longer on it, differs."""
-    different = _differences(ours, reference, pad)
-    differing = int(different.any(dim=1).sum())
-    if not differing:
-        return different.shape[0], 0, None
-    return different.shape[0], differing, max(0, int(different.any(dim=0).nonzero()[0]) - prompt_length)
-
-
-def _differences(a: torch.Tensor, b: torch.Tensor, pad: int | None) -> torch.Tensor:
-    """bool [N, L]: where two id tensors differ, trailing pads and the cells past either's shape being -1 (no token)."""
-    rows, width = max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1])
-    padded = [torch.full((rows, width), -1, dtype=torch.int64) for _ in (a, b)]
-    for out, ids in zip(padded, (a, b), strict=True):
-        is_pad = ids == pad if pad is not None else torch.zeros_like(ids, dtype=torch.bool)
-        trailing = is_pad.flip(1).int().cumprod(dim=1).flip(1).bool()  # [n, l]: pads after a row's last token
-        out[: ids.shape[0], : ids.shape[1]] = ids.masked_fill(trailing, -1)
-    return padded[0] != padded[1]
-
-
-def _first_difference(a: torch.Tensor, b: torch.Tensor, pad: int | None) -> str:
-    row = int(_differences(a, b, pad).any(dim=1).nonzero()[0])
-    ours, hf = (ids[row].tolist() if row < ids.shape[0] else "no sequence" for ids in (a, b))
-    return f"row {row}: {ours} vs HF {hf}"
 
 
 def _text_inputs(generator, batch_size: int) -> Inputs:
@@ -456,6 +479,7 @@ def compare_bundle(
     if audio is not None and not audio:
         raise InvalidArgumentError("--audio needs at least one file")
     hf_model, _ = load_checkpoint(reference)
+    hf_model.float()  # the reference is HF in float32, whatever dtype the checkpoint was saved in
     model, family = build_from_hf(hf_model)
     if family.name != manifest.family:
         raise InvalidArgumentError(
@@ -478,7 +502,8 @@ def compare_bundle(
         inputs = _text_inputs(generator, batch_size)
         max_new_tokens = max_new_tokens or TEXT_NEW_TOKENS
     cast(model, family, manifest.dtype)
-    report = Report(str(bundle_dir), reference, precision_of(manifest, backend))
+    recipe = manifest.quantization["recipe"]["name"] if manifest.quantization else None
+    report = Report(str(bundle_dir), reference, precision_of(manifest, backend), recipe=recipe)
     report.checks = compare_graphs(Path(bundle_dir), manifest, model, backend=backend) + checks
     report.checks += compare_generation(generator, hf_model, inputs, num_beams=num_beams,
                                         max_new_tokens=max_new_tokens, precision=report.precision)  # fmt: skip

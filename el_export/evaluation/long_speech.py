@@ -1,5 +1,5 @@
-"""W7's long recordings: paragraphs of our own English prose spoken by espeak-ng, with pauses between them, and the
-word error rate of a transcript against the text they were spoken from.
+"""W7's long recordings: paragraphs of our own English prose spoken by espeak-ng, with pauses between them; a
+transcript's word error rate against the text they were spoken from is agreement.word_error_rate's.
 
 Long-form transcription moves a 30 s window by the timestamps the model emits, so a recording must run for
 minutes and hold silences where a window can end. Each recording here is a few paragraphs (numbers, names,
@@ -7,7 +7,6 @@ ordinary sentences), spoken one by one and joined by 1-3 s of digital silence. T
 by the sha256 of the paragraphs and pauses as speech_clips caches W5's clips.
 """
 
-import re
 import tempfile
 from pathlib import Path
 
@@ -147,11 +146,6 @@ QUICK = (
         "pauses": [2.0, 1.5],
     },
 )
-NORMALISATION = (
-    "lowercase; thousands separators and apostrophes dropped (1,200 -> 1200, Linda's -> lindas); words are runs of "
-    "letters and digits (a decimal number is one word), anything else separates them; numbers are compared as "
-    "written (the text writes them as Whisper does), not spelled out"
-)
 
 
 def build_recordings(directory: Path, recordings: tuple[dict, ...] = RECORDINGS) -> list[Path]:
@@ -181,29 +175,3 @@ def _write_recording(recording: dict, path: Path) -> None:
     samples = sum(part.size for part in parts) + round(TAIL_S * SAMPLING_RATE)
     parts.append(np.zeros(round(TAIL_S * SAMPLING_RATE) + (-samples) % HOP, dtype=np.float32))
     write_wav(np.concatenate(parts), path)
-
-
-def normalise(text: str) -> list[str]:
-    """`text` as the words the word error rate counts (NORMALISATION says how)."""
-    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower()).replace("'", "").replace("\u2019", "")
-    return re.findall(r"\d+(?:\.\d+)?|[a-z0-9]+", text)  # anything else separates words
-
-
-def word_errors(reference: list[str], hypothesis: list[str]) -> int:
-    """Word-level Levenshtein distance: the fewest substitutions, deletions and insertions from one to the other."""
-    previous = list(range(len(hypothesis) + 1))  # distances from an empty reference
-    for i, word in enumerate(reference, 1):
-        current = [i]
-        for j, other in enumerate(hypothesis, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (word != other)))
-        previous = current
-    return previous[-1]
-
-
-def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
-    """Errors over all recordings divided by the reference's words (corpus WER), each text normalised first."""
-    pairs = [(normalise(r), normalise(h)) for r, h in zip(references, hypotheses, strict=True)]
-    words = sum(len(r) for r, _ in pairs)
-    if words == 0:
-        raise ValueError("the reference texts hold no words")
-    return sum(word_errors(r, h) for r, h in pairs) / words

@@ -18,8 +18,11 @@ from torch.export import Dim
 from el_export import __version__, logs
 from el_export.contract.files import file_entries, write_manifest, writing_bundle
 from el_export.contract.manifest import GraphEntry, Manifest
+from el_export.contract.quantization import load_recipe
 from el_export.errors import CheckpointError, ExportError, InvalidArgumentError, first_line
 from el_export.export.graphs import float_dtype, graphs_for, sample_inputs
+from el_export.export.quantize import MEMORY, memory_feeds, quantize_file, quantized_entry
+from el_export.export.quantize import record as quantization_record
 from el_export.families import build_from_hf, cast
 from el_export.model.models import MODES
 from el_export.progress import Steps
@@ -60,6 +63,7 @@ def export_model(
     tokenizer=None,
     feature_extractor=None,
     quantize: str | None = None,
+    quantize_recipe: str | None = None,
     overwrite: bool = False,
     external_data: bool | None = None,
     progress: bool = True,
@@ -81,8 +85,10 @@ def export_model(
             checked to carry it.
         tokenizer: an HF fast tokenizer to ship as tokenizer.json (optional).
         feature_extractor: a speech model's `WhisperFeatureExtractor` (default: Whisper's standard one).
-        quantize: "int8": ONNX Runtime dynamic quantization of the float32 graphs' MatMul/Gemm weights
-            (a CPU option for ONNX Runtime; TensorRT builds refuse such bundles).
+        quantize: "int8": the float32 graphs' weight products in int8 (export.quantize; a CPU option for ONNX
+            Runtime; TensorRT builds refuse such bundles).
+        quantize_recipe: with int8, a built-in recipe's name or a recipe JSON file (contract.quantization;
+            None: the default recipe); recorded in the manifest.
         overwrite: replace an existing bundle at `out_dir`.
         external_data: store weights beside the graph; None does so only past 2 GB.
         progress: show a progress display on stderr.
@@ -98,13 +104,15 @@ def export_model(
     Raises:
         InvalidArgumentError, UnsupportedModelError, CheckpointError, ExportError.
     """
-    check_options(mode=mode, dtype=dtype, quantize=quantize, opset=opset, atol=atol, rtol=rtol)
+    check_options(mode=mode, dtype=dtype, quantize=quantize, quantize_recipe=quantize_recipe, opset=opset, atol=atol,
+                  rtol=rtol)  # fmt: skip
+    recipe = load_recipe(quantize_recipe) if quantize else None
     if mode == "auto":
         from el_export.export.auto import export_auto
 
         options = dict(dtype=dtype, opset=opset, tokenizer=tokenizer, feature_extractor=feature_extractor,
-                       quantize=quantize, external_data=external_data, progress=progress, source=source, atol=atol,
-                       rtol=rtol)  # fmt: skip
+                       quantize=quantize, quantize_recipe=quantize_recipe, external_data=external_data,
+                       progress=progress, source=source, atol=atol, rtol=rtol)  # fmt: skip
         return export_auto(hf_model, out_dir, auto_workload, overwrite=overwrite, threads=threads,
                            **options)  # fmt: skip
     steps = Steps(["build", "encoder", "decoder_step", "bundle"], enabled=progress)
@@ -113,35 +121,39 @@ def export_model(
         model, family = build_from_hf(hf_model)
         kept = cast(model, family, dtype)
         graphs = graphs_for(model, mode)
-        entries = {}
+        quantized = {}
         for graph in graphs:
             steps.start(graph.name, f"exporting {graph.name}.onnx")
             path = tmp / f"{graph.name}.onnx"
             export_graph(graph, path, opset=opset, external_data=external_data)
             check_graph(graph, path, atol=atol, rtol=rtol)
-            if quantize:
-                quantize_graph(graph, path)
-            entries[graph.name] = graph
+            if recipe is not None:
+                quantized[graph.name] = quantize_graph(graph, path, recipe)
         steps.start("bundle", "writing the bundle")
         tokenizer_file = _save_tokenizer(tokenizer, tmp)
         audio = _save_audio_features(hf_model, feature_extractor, tmp) if model.spec.n_mels else {}
+        described = describe(hf_model, graphs, family)
+        entries = {name: quantized_entry(e, quantized[name]) if name in quantized else e
+                   for name, e in described.graphs.items()}  # fmt: skip
         manifest = replace(
-            describe(hf_model, graphs, family),
+            described,
+            graphs=entries,
             files=file_entries(tmp),
             tokenizer=tokenizer_file,
             exporter=_versions(_opset_of(tmp / "decoder_step.onnx")),
             source={"model": source, "config_class": type(hf_model.config).__name__},
             fp32_modules=_fp32_record(family, kept),
             audio=audio,
-            quantization=quantize or "",
+            quantization=quantization_record(recipe, quantized) if recipe is not None else {},
         )
         write_manifest(tmp, manifest)
         steps.done()
     return manifest
 
 
-def check_options(*, mode: str = "el", dtype: str = "float32", quantize: str | None = None, opset: int | None = None,
-                  atol: float | None = None, rtol: float | None = None) -> None:  # fmt: skip
+def check_options(*, mode: str = "el", dtype: str = "float32", quantize: str | None = None,
+                  quantize_recipe: str | None = None, opset: int | None = None, atol: float | None = None,
+                  rtol: float | None = None) -> None:  # fmt: skip
     """Refuse export options that cannot work, before anything is loaded or written (`export_model`'s arguments).
 
     Raises:
@@ -153,6 +165,10 @@ def check_options(*, mode: str = "el", dtype: str = "float32", quantize: str | N
         raise InvalidArgumentError(f"dtype {dtype!r} is not one of float32, float16")
     if quantize not in (None, "int8") or (quantize and dtype != "float32"):
         raise InvalidArgumentError(f"quantize={quantize!r}: the only option is int8, on a float32 export")
+    if quantize_recipe is not None:
+        if not quantize:
+            raise InvalidArgumentError("--quantize-recipe applies to --quantize int8; add --quantize int8")
+        load_recipe(quantize_recipe)
     for name, value in (("atol", atol), ("rtol", rtol)):
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if value is not None and not (number and 0 <= value < float("inf")):
@@ -238,32 +254,31 @@ def check_graph(graph: torch.nn.Module, path: Path, atol: float | None = None, r
                 )
 
 
-def quantize_graph(graph, path: Path) -> None:
-    """int8 weights for MatMul/Gemm (ONNX Runtime dynamic quantization), then a run on unseen shapes.
+def quantize_graph(graph, path: Path, recipe) -> dict:
+    """The graph's weight products in int8 as `recipe` says (export.quantize), then a run on unseen shapes.
 
     The float32 graph was already checked against PyTorch; int8 changes the numbers by design (how much
     depends on the weights: far more on the tiny init-std-0.5 test models than on trained ones), so this
-    checks shapes and finiteness, and accuracy is measured where it means something: tokens against the
-    float32 bundle on the real Whisper clips (`el-export bench`).
+    checks shapes and finiteness, and accuracy is measured where it means something: tokens against HF's float32
+    ones (`el-export compare`, `el-export bench`). Returns what the graph got (the manifest's record).
     """
     import numpy as np
-    import onnx
     import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = onnx.load(str(path))
-    del model.graph.value_info[:]  # the exporter's intermediate shapes trip the quantizer's own shape inference
-    quantized = path.with_suffix(".int8.onnx")
-    quantize_dynamic(model, quantized, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
-    os.replace(quantized, path)
+    record = quantize_file(path, graph.name, recipe, el=graph.mode == "el")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = sample_inputs(graph, CHECK_SIZES[1], seed=1)
     with torch.no_grad():
         expected = graph.run(inputs)
-    got = session.run(None, {s.name: t.numpy() for s, t in zip(graph.inputs, inputs, strict=True)})
+    feeds = {s.name: t.numpy() for s, t in zip(graph.inputs, inputs, strict=True)}
+    if record.get("memory_products"):  # the step takes the memory as the int8 encoder returns it
+        feeds.update(memory_feeds(feeds[MEMORY]))
+    taken = {i.name for i in session.get_inputs()}
+    got = session.run([spec.name for spec in graph.outputs], {k: v for k, v in feeds.items() if k in taken})
     for spec, e, g in zip(graph.outputs, expected, got, strict=True):
         if g.shape != tuple(e.shape) or not np.isfinite(g).all():
             raise ExportError(f"int8 {path.name} output {spec.name} has shape {g.shape} or non-finite values")
+    return record
 
 
 def _fp32_record(family, kept: list[str]) -> dict:

@@ -135,7 +135,7 @@ class GraphDecoder:
         """Bytes of the cache the next step reads: self-attention caches, cross K/V or the encoder output (a
         decoder-only prompt's hidden states or K/V), each held once; masks and positions are not cache. What the
         cache formula (`el_export.contract.cache.cache_bytes`) predicts, measured on the live tensors."""
-        return sum(t.nbytes for t in self.state.values() if t.is_floating_point())
+        return sum(t.nbytes for t in self.state.values() if t.is_floating_point() or t.dtype == torch.int8)
 
     def reorder(self, row_indices: torch.Tensor, input_indices: torch.Tensor | None = None) -> None:
         """See `StepDecoder.reorder`. A beam reorder (inputs kept) gathers the row caches only: the rows of one

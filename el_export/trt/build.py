@@ -57,8 +57,8 @@ def build_engines(
     manifest = read_manifest(bundle_dir)
     if manifest.quantization:
         raise InvalidArgumentError(
-            f"{bundle_dir} holds ONNX Runtime {manifest.quantization} graphs, which TensorRT's parser does not take; "
-            "build from a float32 or float16 export"
+            f"{bundle_dir} holds ONNX Runtime int8 graphs (com.microsoft integer ops), which TensorRT's parser "
+            "does not take; build from a float32 or float16 export"
         )
     limits = limits or Limits()
     profiles = graph_profiles(manifest, limits)

@@ -5,6 +5,8 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import soundfile
@@ -13,10 +15,12 @@ import torch
 import el_export
 from el_export.cli import main
 from el_export.contract.cache import Workload, cache_bytes
+from el_export.contract.quantization import DEFAULT
 from el_export.errors import InputError
 from el_export.evaluation import bench, speech_clips
 from el_export.testing.tiny import write_tiny_checkpoint
 
+REPORT_TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_report.py"
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (W5's clips)")
 
 
@@ -45,24 +49,97 @@ def test_decoder_cache_bytes_is_the_formula(bundles, family, mode):
 
 def test_bench_smoke_run(tmp_path):
     pytest.importorskip("ctranslate2")
-    out = tmp_path / "report"
+    out, work = tmp_path / "report", tmp_path / "work"
     command = [sys.executable, "-m", "el_export.cli", "bench", "--profile", "smoke", "--workloads", "W1,W2", "--work",
-               str(tmp_path / "work"), "--out", str(out), "--threads", "1", "--time-cap", "120", "--json"]  # fmt: skip
+               str(work), "--out", str(out), "--threads", "1", "--time-cap", "120", "--json"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "bench.json").read_text())
     assert report["profile"] == "smoke" and report["skipped"] == {}
     runs = {r["engine"]: r for r in report["runs"]}
-    assert {"el", "kv", "hf", "ct2-float32"} <= set(runs) and all(r["ok"] for r in runs.values())
+    assert {"el", "kv", "el-int8", "hf", "ct2-float32", "ct2-int8"} <= set(runs) and all(r["ok"] for r in runs.values())
     assert runs["el"]["cache_bytes_measured"] < runs["kv"]["cache_bytes_measured"]
     for mode in ("el", "kv"):  # the runtime's live decoder state is exactly what the cache formula says
         assert runs[mode]["cache_bytes_measured"] == runs[mode]["cache_bytes_formula"]
     summary = report["summary"]
     assert summary["W1/el"]["speedup_vs_hf"] > 0 and summary["W1/el"]["step_vs_limit"] > 0
     assert summary["W1/el"]["identical_to_hf"] == summary["W1/el"]["compared"] == 2
-    assert all(report["w2"][e]["points"] for e in ("el", "kv"))
+    assert all(report["w2"][e]["points"] for e in ("el", "kv", "ct2-int8"))
     assert (out / "bench.png").stat().st_size > 1000
-    assert not list((tmp_path / "work").glob(".run-*"))  # the workers' jobs are cleaned up
+    assert not list(work.glob(".run-*"))  # the workers' jobs are cleaned up
+    # int8 weights on disk under float32's (our graphs; CTranslate2's own int8 conversion); outputs against HF's
+    assert 0 < runs["el-int8"]["model_bytes"] < runs["el"]["model_bytes"]
+    assert 0 < runs["ct2-int8"]["model_bytes"] < runs["ct2-float32"]["model_bytes"]
+    assert json.loads((work / "smoke-bart-ct2-int8" / "config.json").read_text())  # its own model directory
+    for engine in ("el-int8", "ct2-int8"):
+        s = summary[f"W1/{engine}"]
+        assert 0 <= s["identical_to_hf"] <= s["compared"] == 2 and s["peak_gib"] > 0
+        assert s["model_bytes"] == runs[engine]["model_bytes"]
+    # el-int8's decode step: measured, against the int8 rate, and ONNX Runtime's per-op profile of it
+    assert report["limits"]["int8_step_gemm_flops"] > 0
+    step, int8 = report["int8_step"], summary["W1/el-int8"]
+    assert int8["decode_step_s"] > 0 and int8["step_limit_int8_s"] == step["step_limit_s"] > 0
+    assert int8["step_vs_limit_int8"] == pytest.approx(int8["decode_step_s"] / step["step_limit_s"])
+    record = json.loads((work / "smoke-bart-el-int8" / "manifest.json").read_text())["quantization"]
+    assert step["recipe"] == record["recipe"]["name"] == "default"
+    assert step["memory_products"] == record["graphs"]["decoder_step"].get("memory_products", 0)
+    assert step["int8_weights"] > 0 and 0 < step["int8_flop_share"] <= 1
+    profile = step["profile"]
+    assert profile["steps"] == 8 and 0 < len(profile["ops"]) <= bench.PROFILED_OPS
+    assert sum(op["share"] for op in profile["ops"]) + profile["others_share"] == pytest.approx(1.0)
+    assert [op["share"] for op in profile["ops"]] == sorted((op["share"] for op in profile["ops"]), reverse=True)
+    assert 0 < profile["kernel_ms_per_step"] <= profile["run_ms_per_step"]
+    tables = subprocess.run([sys.executable, str(REPORT_TOOL), "--from-json", str(out / "bench.json")],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "| W1 int8 |" in tables and "| el-int8 |" in tables and f"| {profile['ops'][0]['op']} |" in tables
+
+
+def test_bench_scores_int8_transcripts_against_hf_float32():
+    """Each engine's transcripts against HF's: identical ones counted, and the word error rate over words as written
+    (None where HF's transcripts hold no words)."""
+
+    def run(engine, transcripts):
+        outputs = [[i] for i in range(len(transcripts))]  # the ids are not what this compares
+        return asdict(bench.Run(engine, "W5", len(transcripts), total_s=1.0, generated_tokens=1, outputs=outputs,
+                                transcripts=transcripts))  # fmt: skip
+
+    hf = ["The cat sat.", "Hello world, again", "one two three four"]
+    runs = [run("hf", hf), run("el-int8", ["The cat sat.", "Hello word, again", "one two three"]), run("ct2-int8", hf)]
+    summary = bench.summarize({"runs": runs, "skipped": {}}, Path("unused"))
+    assert summary["W5/el-int8"]["identical_transcripts"] == 1 and summary["W5/el-int8"]["compared"] == 3
+    assert summary["W5/el-int8"]["wer_vs_hf"] == pytest.approx(2 / 10)  # "world," -> "word,", "four" dropped
+    assert summary["W5/ct2-int8"]["identical_transcripts"] == 3 and summary["W5/ct2-int8"]["wer_vs_hf"] == 0
+    silent = bench.summarize({"runs": [run("hf", ["", ""]), run("el-int8", ["", "uh"])], "skipped": {}}, Path("."))
+    assert silent["W5/el-int8"]["wer_vs_hf"] is None and silent["W5/el-int8"]["identical_transcripts"] == 1
+
+
+@pytest.mark.parametrize(
+    ("quantization", "exported"),
+    [("int8", True), ({"method": "int8", "recipe": {"name": "older"}}, True), ("current", False)],
+)
+def test_prepare_exports_el_int8_again_when_made_with_another_recipe(tmp_path, monkeypatch, quantization, exported):
+    """A legacy int8 bundle, or one of another recipe, is exported again with the default recipe; one made with it
+    from the same checkpoint is reused."""
+    import el_export.export
+
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # no CTranslate2 conversions here
+    profile = bench.PROFILES["smoke"]
+    paths = bench.artifact_paths("bart", tmp_path, profile.name)
+    (paths["checkpoint"]).mkdir()
+    (paths["checkpoint"] / "config.json").write_text("{}")
+    source = str(paths["checkpoint"].resolve())
+    if quantization == "current":
+        quantization = {"method": "int8", "recipe": DEFAULT.to_json(), "graphs": {}}
+    for name, record in (("el", {}), ("el-int8", quantization)):
+        paths[name].mkdir()
+        (paths[name] / "manifest.json").write_text(json.dumps({"source": {"model": source}, "quantization": record}))
+    calls = []
+    monkeypatch.setattr(el_export.export, "load_checkpoint", lambda path: (f"model of {path}", "tokenizer"))
+    monkeypatch.setattr(el_export.export, "load_feature_extractor", lambda path: None)
+    monkeypatch.setattr(el_export.export, "export_model", lambda hf, out, **options: calls.append((out, options)))
+    bench.prepare("bart", tmp_path, profile, ("el", "el-int8"))
+    assert [(out, o["quantize"], o["source"]) for out, o in calls] == ([(paths["el-int8"], "int8", source)]
+                                                                         if exported else [])  # fmt: skip
 
 
 def test_w6_varied_lengths_give_hf_tokens_on_every_input(tmp_path):

@@ -9,7 +9,9 @@ import torch
 
 import el_export
 from el_export.cli import main
-from el_export.evaluation.compare import DIFFER, EXIT_CODES, Check, Report, token_agreement
+from el_export.contract.files import read_manifest
+from el_export.evaluation.agreement import TokenAgreement, token_agreement
+from el_export.evaluation.compare import AGREE, DIFFER, EXIT_CODES, Check, Report, _generation_check, compare_bundle
 from el_export.export import export_model
 from el_export.testing.tiny import tiny_model, write_tiny_checkpoint
 
@@ -210,44 +212,139 @@ def reduced(tmp_path_factory, hf_models):
 
 @pytest.mark.parametrize("kind", ["fp16", "int8"])
 def test_reduced_precision_tokens_that_differ_are_never_a_pass(kind, reduced, references, capsys):
-    """The tiny BART's beams part from HF's in float16 and in int8: DIFFER with exit 8, and the figures."""
+    """The tiny BART's beams part from HF's in float16 and in int8: DIFFER with exit 8, and the figures: each
+    generation check's token agreement (1 exactly when its sequences agree), and the int8 recipe's name."""
     code, report = _compare(capsys, reduced / kind, "--reference", references("bart"), "--json")
     precision = {"fp16": "float16", "int8": "int8"}[kind]
     assert (code, report["verdict"], report["precision"]) == (8, DIFFER, precision), report["summary"]
     graphs, generation = report["checks"][:2], report["checks"][2:]
     assert all(c["verdict"] == "PASS" for c in graphs)
     assert all(c["verdict"] in ("AGREE", "DIFFER") for c in generation)
+    assert [c["tokens_compared"] for c in generation] == [3 * 16, 6 * 16]  # every sequence runs 16 new tokens
+    assert all((c["token_agreement"] == 1) == (c["verdict"] == AGREE) for c in generation)
+    assert all(c["transcripts"] is None and c["word_error_rate"] is None for c in generation)  # text: no WER
     differing = sum(c["sequences_differing"] for c in generation)
     step = min(c["first_differing_step"] for c in generation if c["sequences_differing"])
-    assert 0 < differing <= 9 and 0 <= step < 16
-    graphs_claim = "int8 graphs well-formed" if kind == "int8" else "graphs within float16 tolerance"
+    equal = sum(c["token_agreement"] * c["tokens_compared"] for c in generation) / (9 * 16)
+    assert 0 < differing <= 9 and 0 <= step < 16 and 0 < equal < 1
+    recipe = read_manifest(reduced / kind).quantization.get("recipe", {}).get("name")
+    assert report["recipe"] == recipe and (recipe is None) == (kind == "fp16")
+    graphs_claim = f"int8 (recipe {recipe}) graphs well-formed" if kind == "int8" else "graphs within float16 tolerance"
     assert report["summary"] == (
-        f"DIFFER: {graphs_claim}; tokens differ on {differing} of 9 sequences, first at step {step}"
+        f"DIFFER: {graphs_claim}; tokens differ on {differing} of 9 sequences, first at step {step}, "
+        f"{equal:.1%} of tokens equal"
     )
 
 
 def test_token_agreement_figures():
     """Rows compared whole up to their trailing pads (a longer or missing sequence differs); steps count
-    generated tokens only."""
+    generated tokens only; tokens are compared at equal positions past the prompt, a token one side lacks unequal."""
     ours = torch.tensor([[2, 5, 6, 7], [2, 5, 6, 8], [2, 9, 9, 9]])
     hf = torch.tensor([[2, 5, 6, 7], [2, 5, 6, 7], [2, 9, 9, 1]])
-    assert token_agreement(ours, hf, prompt_length=1) == (3, 2, 2)
-    assert token_agreement(ours, ours, prompt_length=1) == (3, 0, None)
-    assert token_agreement(ours[:, :3], ours, prompt_length=1) == (3, 3, 2)
-    assert token_agreement(ours[:2], ours, prompt_length=1) == (3, 1, 0)
+    assert token_agreement(ours, hf, prompt_length=1) == TokenAgreement(3, 2, 2, tokens_compared=9, tokens_equal=7)
+    assert token_agreement(ours, hf, prompt_length=1).rate == 7 / 9
+    assert token_agreement(ours, ours, prompt_length=1) == TokenAgreement(3, 0, None, 9, 9)
+    assert token_agreement(ours[:, :3], ours, prompt_length=1) == TokenAgreement(3, 3, 2, 9, 6)
+    assert token_agreement(ours[:2], ours, prompt_length=1) == TokenAgreement(3, 1, 0, 9, 6)
     # one batch ran 2 steps longer: its finished rows carry 2 more pads (here 0), yet are the same tokens
     longer = torch.tensor([[2, 5, 6, 7, 0, 0], [2, 5, 6, 8, 0, 0], [2, 9, 9, 9, 4, 0]])
-    assert token_agreement(longer, ours, prompt_length=1, pad=0) == (3, 1, 3)
-    assert token_agreement(longer, ours, prompt_length=1) == (3, 3, 3)
-    checks = [Check("generate beam", DIFFER, "", sequences=6, sequences_differing=2, first_differing_step=7),
-              Check("generate greedy", "AGREE", "", sequences=3, sequences_differing=0)]  # fmt: skip
-    report = Report("b", "r", "float16", checks)
-    assert (report.verdict, report.exit_code) == (DIFFER, 8)
-    assert (
-        report.summary()
-        == "DIFFER: graphs within float16 tolerance; tokens differ on 2 of 9 sequences, first at step 7"
+    assert token_agreement(longer, ours, prompt_length=1, pad=0) == TokenAgreement(3, 1, 3, 10, 9)
+    assert token_agreement(longer, ours, prompt_length=1) == TokenAgreement(3, 3, 3, 15, 9)
+
+
+WORDS = {5: "The", 6: "cat", 7: "sat.", 8: "ran.", 9: "no", 1: "No"}
+
+
+def _fake_decode(ids: torch.Tensor) -> list[str]:
+    """A tokenizer of one word per id (2, the start token, writes nothing)."""
+    return [" ".join(WORDS[i] for i in row if i in WORDS) for row in ids.tolist()]
+
+
+def _check(ours: torch.Tensor, hf: torch.Tensor, precision: str, decode=_fake_decode) -> Check:
+    """A generation check of two greedy outputs of 3 new tokens after a 1-token prompt."""
+    from types import SimpleNamespace
+
+    from transformers.generation.utils import GenerateEncoderDecoderOutput
+
+    reference = GenerateEncoderDecoderOutput(sequences=hf, scores=(None,) * (hf.shape[1] - 1))
+    return _generation_check("generate greedy", SimpleNamespace(sequences=ours, sequences_scores=None), reference,
+                             "batch 3", precision, pad=None, decode=decode)  # fmt: skip
+
+
+def test_a_check_whose_tokens_differ_is_differ_with_the_figures():
+    """Hand-counted: 2 of 3 sequences differ from step 2; 7 of 9 tokens equal; one transcript identical; HF's
+    9 words, 2 of them substituted ("ran." for "sat.", "no" for "No": case counts), WER 2/9."""
+    ours = torch.tensor([[2, 5, 6, 7], [2, 5, 6, 8], [2, 9, 9, 9]])
+    hf = torch.tensor([[2, 5, 6, 7], [2, 5, 6, 7], [2, 9, 9, 1]])
+    check = _check(ours, hf, "int8")
+    figures = ("verdict", "sequences", "sequences_differing", "first_differing_step", "token_agreement",
+               "tokens_compared", "transcripts", "transcripts_identical", "transcripts_differing", "word_error_rate",
+               "reference_words")  # fmt: skip
+    assert [check.to_json()[f] for f in figures] == [DIFFER, 3, 2, 2, 7 / 9, 9, 3, 1, 2, 2 / 9, 9]
+    assert check.detail == (
+        "int8: batch 3, 3 sequences of up to 4 tokens: tokens differ on 2 of 3, first at step 2 (row 1: "
+        "[2, 5, 6, 8] vs HF [2, 5, 6, 7]); 77.8% of 9 tokens equal; transcripts identical 1/3, WER 22.2% vs HF float32"
     )
-    assert Report("b", "r", "float16", checks[1:]).exit_code == 0
+    report = Report("b", "r", "int8", [check], recipe="default")
+    assert (report.verdict, report.exit_code, report.to_json()["recipe"]) == (DIFFER, 8, "default")
+    assert report.summary() == (
+        "DIFFER: int8 (recipe default) graphs well-formed; tokens differ on 2 of 3 sequences, first at step 2, "
+        "77.8% of tokens equal; transcripts identical 1/3, WER 22.2% vs HF float32"
+    )
+    assert _check(ours, hf, "float32").verdict == "FAIL"  # the same tokens in float32: a failure, not a figure
+    same = _check(hf, hf, "float16")
+    assert (same.verdict, same.token_agreement, same.transcripts_identical, same.word_error_rate) == (AGREE, 1, 3, 0)
+    assert same.detail.endswith("tokens equal; transcripts identical 3/3, WER 0.0% vs HF float32")
+    assert _check(ours, hf, "int8", decode=None).transcripts is None  # no tokenizer: tokens only
+
+
+def test_the_summary_adds_the_checks_figures_up():
+    """Token agreement and WER over all generation checks together (weighted by tokens and HF's words), not the
+    mean of the checks' rates; sequences and transcripts summed."""
+    beam = Check("generate beam", DIFFER, "", sequences=6, sequences_differing=2, first_differing_step=7,
+                 token_agreement=0.5, tokens_compared=30, transcripts=6, transcripts_identical=4,
+                 word_error_rate=0.25, reference_words=8)  # fmt: skip
+    greedy = Check("generate greedy", AGREE, "", sequences=3, sequences_differing=0, token_agreement=1.0,
+                   tokens_compared=10, transcripts=3, transcripts_identical=3, word_error_rate=0.0,
+                   reference_words=2)  # fmt: skip
+    report = Report("b", "r", "float16", [beam, greedy])
+    assert (report.verdict, report.exit_code) == (DIFFER, 8)
+    assert report.summary() == (
+        "DIFFER: graphs within float16 tolerance; tokens differ on 2 of 9 sequences, first at step 7, "
+        "62.5% of tokens equal; transcripts identical 7/9, WER 20.0% vs HF float32"
+    )
+    agree = Report("b", "r", "int8", [greedy], recipe="tensor")
+    assert agree.exit_code == 0 and agree.summary() == (
+        "AGREE: int8 (recipe tensor) graphs well-formed; tokens equal HF generate's on all 3 sequences; "
+        "transcripts identical 3/3, WER 0.0% vs HF float32"
+    )
+
+
+def test_real_whisper_int8_reports_transcript_agreement_on_the_shipped_clips(tiny_en, tmp_path):
+    """The real tiny.en in int8 (the default recipe) against HF in float32 on el_export/clips: figures that add
+    up, and a verdict that is never PASS."""
+    from el_export.evaluation.demo import CLIPS
+    from el_export.export import load_feature_extractor
+
+    hf, tokenizer, _ = tiny_en
+    checkpoint = hf.name_or_path  # the directory the fixture imported tiny.en into
+    export_model(hf, tmp_path / "int8", quantize="int8", tokenizer=tokenizer,
+                 feature_extractor=load_feature_extractor(checkpoint), progress=False)  # fmt: skip
+    report = compare_bundle(tmp_path / "int8", checkpoint)
+    recipe = read_manifest(tmp_path / "int8").quantization["recipe"]["name"]
+    assert (report.precision, report.recipe) == ("int8", recipe)
+    assert report.verdict in (AGREE, DIFFER), report.summary()
+    generation = [c for c in report.checks if c.sequences is not None]
+    assert [c.transcripts for c in generation] == [len(list(CLIPS.iterdir()))] * 2  # greedy and beam 4
+    for c in generation:
+        assert c.transcripts_identical == c.transcripts - c.transcripts_differing, c.detail
+        assert 0 <= c.word_error_rate and c.reference_words > 0, c.detail
+        # (a <= b on bools: a implies b) a changed transcript means changed tokens, which means tokens unequal
+        assert (c.transcripts_identical < c.transcripts) <= (c.sequences_differing > 0) <= (c.token_agreement < 1)
+        assert c.verdict == (DIFFER if c.sequences_differing else AGREE)
+    identical, transcripts = sum(c.transcripts_identical for c in generation), sum(c.transcripts for c in generation)
+    wer = sum(c.word_error_rate * c.reference_words for c in generation) / sum(c.reference_words for c in generation)
+    assert f"; transcripts identical {identical}/{transcripts}, WER {wer:.1%} vs HF float32" in report.summary()
 
 
 def test_help_documents_the_verdicts_and_exit_status(capsys):

@@ -1,5 +1,5 @@
-"""W7: the long recordings (made once, reused, shaped so batched features equal each recording's own), the word
-error rate, and the quick profile through the bench's engines."""
+"""W7: the long recordings (made once, reused, shaped so batched features equal each recording's own) and the quick
+profile through the bench's engines (the word error rate: test_agreement.py)."""
 
 import json
 import shutil
@@ -51,38 +51,6 @@ def test_recordings_are_made_once_and_again_when_their_text_changes(tmp_path):
     long_speech.build_recordings(tmp_path, longer)
     assert soundfile.info(str(quick[0])).frames == frames + 16000  # 1 s more of pause, the tail as before
     assert json.loads((tmp_path / speech_clips.RECORD).read_text())["texts_sha256"] != record["texts_sha256"]
-
-
-@pytest.mark.parametrize(
-    ("reference", "hypothesis", "errors"),
-    [
-        ("the cat sat", "the cat sat", 0),
-        ("the cat sat", "the bat sat", 1),  # substitution
-        ("the cat sat", "the cat", 1),  # deletion
-        ("the cat sat", "the big cat sat down", 2),  # insertions
-        ("a b c d", "b c d a", 2),  # a moved word: one deletion, one insertion
-        ("", "hello there", 2),
-        ("hello there", "", 2),
-    ],
-)
-def test_word_errors_is_the_word_level_levenshtein_distance(reference, hypothesis, errors):
-    assert long_speech.word_errors(reference.split(), hypothesis.split()) == errors
-
-
-def test_normalise_ignores_case_punctuation_and_thousands_separators():
-    assert long_speech.normalise("Dr. Reyes sold 1,200 rolls in 1994, at 3.5 each!") == [
-        "dr", "reyes", "sold", "1200", "rolls", "in", "1994", "at", "3.5", "each",
-    ]  # fmt: skip
-    assert long_speech.normalise("Linda's well-known plan/idea") == ["lindas", "well", "known", "plan", "idea"]
-    assert long_speech.normalise("four") != long_speech.normalise("4")  # numbers compared as written
-
-
-def test_word_error_rate_is_over_all_recordings_words():
-    references = ["Good morning, Anna.", "The train leaves at 1,250 sharp."]
-    assert long_speech.word_error_rate(references, ["good morning anna", "The train leaves at 1250 sharp"]) == 0
-    assert long_speech.word_error_rate(references, ["Good evening, Anna.", "The train leaves at 1250."]) == 2 / 9
-    with pytest.raises(ValueError, match="no words"):
-        long_speech.word_error_rate(["..."], ["anything"])
 
 
 @needs_espeak

@@ -77,6 +77,21 @@ def test_inputs_joining_and_leaving_match_hf_alone(family, mode, bundles, hf_mod
     _check_alone(hf, calls, outputs)
 
 
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt2", "whisper"])
+def test_int8_in_flight_answers_equal_each_input_alone(family, bundles, hf_models):
+    """int8 with row scales: an input's numbers do not depend on the rows beside it (each activation row, each
+    encoder position has its own scale), so in-flight batching gives every input what the int8 bundle gives it
+    alone, token for token."""
+    hf = hf_models(family)
+    calls = _calls(hf, speech=family == "whisper")
+    generator = el_export.load(bundles(family, "el", "int8"))
+    outputs, scheduler = _run(generator, calls, max_batch=3)
+    _assert_in_flight(scheduler)
+    for call, ours in zip(calls, outputs, strict=True):
+        alone = generator.generate(**call)
+        assert torch.equal(ours.sequences, alone.sequences), call
+
+
 TORCH_CASES = [
     *((family, cache) for family in ("bart", "t5", "whisper") for cache in (False, True)),
     *((family, False) for family in FAMILIES if family not in ("bart", "t5")),  # growing caches: every family
