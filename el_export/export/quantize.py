@@ -1,7 +1,8 @@
 """int8 products in an exported float32 graph, as a recipe says (contract.quantization).
 
-Each product of an activation with a float32 weight (MatMul, Gemm, and EL's per-head products with a reshaped
-weight) becomes an integer product on ONNX Runtime's u8 x s8 kernels (VNNI / AMX where the CPU has them): the weight
+Embedding tables become int8 with one scale per row (a Gather of int8 rows and of their scales). Each product of an
+activation with a float32 weight (MatMul, Gemm, and EL's per-head products with a reshaped weight) becomes an
+integer product on ONNX Runtime's u8 x s8 kernels (VNNI / AMX where the CPU has them): the weight
 int8 with one scale per output channel (per head and channel for per-head weights), the activation uint8 around 128
 with one scale per row (`row`: a token's scale does not depend on the other rows of the batch, as in CTranslate2) or
 ONNX Runtime's one scale per tensor (`tensor`, which it fuses into a single kernel):
@@ -64,6 +65,11 @@ def quantize_model(model, graph_name: str, recipe: Recipe, el: bool = True) -> d
                 nodes.extend(builder.memory_product(node.input[0], transposed, node.output[0], f"{node.name}_int8"))
                 record["memory_products"] = record.get("memory_products", 0) + 1
                 continue
+        table = _embedding_table(node, weights)
+        if table is not None and not recipe.kept(module):
+            nodes.extend(builder.lookup(table, node.input[1], node.output[0], f"{node.name}_int8"))
+            record["int8"].append(module)
+            continue
         weight = _weight_operand(node, weights, producers)
         if weight is None:
             nodes.append(node)
@@ -186,6 +192,18 @@ def _weight_operand(node, weights: dict, producers: dict) -> np.ndarray | None:
         return None
     matrix = _constant(node.input[1], weights, producers)
     return matrix if matrix is not None and matrix.ndim in (2, 3) and matrix.dtype == np.float32 else None
+
+
+def _embedding_table(node, weights: dict) -> np.ndarray | None:
+    """The float32 table [V, d] a Gather looks rows up in (token and position embeddings), else None."""
+    from onnx import TensorProto, numpy_helper
+
+    if node.op_type != "Gather" or node.input[0] not in weights:
+        return None
+    if any(a.name == "axis" and a.i for a in node.attribute):
+        return None
+    tensor = weights[node.input[0]]
+    return numpy_helper.to_array(tensor) if tensor.data_type == TensorProto.FLOAT and len(tensor.dims) == 2 else None
 
 
 def _constant(name: str, weights: dict, producers: dict, depth: int = 0) -> np.ndarray | None:
@@ -321,6 +339,21 @@ class _Builder:
         for i, s in enumerate(after):
             nodes.append(helper.make_node("Mul", [names[i], s], [names[i + 1]], name=f"{name}_scale{i}"))
         return nodes
+
+    def lookup(self, table: np.ndarray, ids: str, out: str, name: str) -> list:
+        """Nodes computing out = table[ids] from the table in int8, one scale per row (per token)."""
+        from onnx import TensorProto, helper
+
+        scale = np.abs(table).max(axis=1, keepdims=True) / 127  # [V, 1]
+        scale[scale == 0] = 1.0
+        q = self.constant(np.clip(np.rint(table / scale), -127, 127).astype(np.int8), "table")
+        scales = self.constant(scale.astype(np.float32), "table_scale")
+        return [
+            helper.make_node("Gather", [q, ids], [f"{out}_int8"], axis=0, name=name),
+            helper.make_node("Cast", [f"{out}_int8"], [f"{out}_unit"], to=TensorProto.FLOAT, name=f"{name}_cast"),
+            helper.make_node("Gather", [scales, ids], [f"{out}_scale"], axis=0, name=f"{name}_scale"),
+            helper.make_node("Mul", [f"{out}_unit", f"{out}_scale"], [out], name=f"{name}_rescale"),
+        ]
 
     def memory_product(self, x: str, transposed: bool, out: str, name: str) -> list:
         """out = x @ H^T (scores, `transposed`) or x @ H (weighted sums), H the int8 memory the step takes."""

@@ -41,6 +41,7 @@ def test_row_product_matches_its_definition_and_ignores_the_other_rows():
     model = _product_graph(w)
     record = quantize_model(model, "decoder_step", DEFAULT)
     assert record == {"activations": "row", "int8": ["mm"], "float32": {}}
+    assert [n.op_type for n in model.graph.node].count("MatMul") == 0
     x = rng.standard_normal((5, 64)).astype(np.float32) * np.array([[1], [100], [0.01], [3], [1]], np.float32)
     got = _run(model, x)
     # the definition: weights per output channel, activations per row, both symmetric, round half to even
@@ -91,7 +92,7 @@ def test_every_family_exports_int8_and_generates(family, bundles, hf_models):
     assert record["recipe"] == DEFAULT.to_json() and set(record["graphs"]) == set(manifest.graphs)
     for name, got in record["graphs"].items():
         ops = [n.op_type for n in onnx.load(str(out / f"{name}.onnx")).graph.node]
-        assert got["int8"] and ops.count("MatMulIntegerToFloat") >= len(got["int8"]), name
+        assert got["int8"] and ops.count("MatMulIntegerToFloat") + ops.count("Gather") >= len(got["int8"]), name
     seq2seq = manifest.kind == "seq2seq"
     step = manifest.graphs["decoder_step"]
     assert ({s.name for s in step.inputs} >= set(MEMORY_OUTPUTS)) == seq2seq  # the step reads H in int8
@@ -184,3 +185,22 @@ def test_cli_refuses_bad_recipes_before_loading(tmp_path, capsys):
         err = capsys.readouterr().err
         assert match in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "out").exists()
+
+
+def test_embedding_tables_are_int8_rows_with_their_own_scales():
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((10, 6)).astype(np.float32) * np.arange(1, 11, dtype=np.float32)[:, None]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"], axis=0, name="embed")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "t"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", 6])],
+        [numpy_helper.from_array(table, "table")],
+    )  # fmt: skip
+    model = helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 20)])
+    assert quantize_model(model, "decoder_step", DEFAULT)["int8"] == ["embed"]
+    assert [i.data_type for i in model.graph.initializer if i.dims == [10, 6]] == [TensorProto.INT8]
+    ids = np.array([[0, 9, 9], [3, 4, 0]], np.int64)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    scale = np.abs(table).max(axis=1, keepdims=True) / 127
+    np.testing.assert_allclose(got, (np.rint(table / scale) * scale)[ids], rtol=1e-6)
+    assert np.abs(got - table[ids]).max() <= scale.max() / 2 + 1e-6
