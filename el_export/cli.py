@@ -691,6 +691,13 @@ def _inspect(args) -> int:
     print(f"files       {len(manifest.files)} ({human_bytes(total)}), tokenizer: {manifest.tokenizer or 'none'}")
     print("exporter    " + ", ".join(f"{k} {v}" for k, v in manifest.exporter.items()))
     print(f"generation  {json.dumps(manifest.generation_defaults)}")
+    if manifest.quantization:
+        record = manifest.quantization
+        for name, got in record["graphs"].items():
+            kept = ", ".join(f"{m} ({why})" for m, why in got["float32"].items()) or "none"
+            memory = f", memory products {got['memory_products']}" if got.get("memory_products") else ""
+            print(f"int8        {name}: recipe {record['recipe']['name']}, {got['activations']} activation scales, "
+                  f"{len(got['int8'])} modules int8{memory}; float32: {kept}")
     el, kv = costs["el"], costs["kv"]
     rows = [
         ("prompt (per layer)" if manifest.kind == "decoder-only" else "encoder output / cross K-V",

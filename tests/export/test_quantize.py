@@ -204,3 +204,10 @@ def test_embedding_tables_are_int8_rows_with_their_own_scales():
     scale = np.abs(table).max(axis=1, keepdims=True) / 127
     np.testing.assert_allclose(got, (np.rint(table / scale) * scale)[ids], rtol=1e-6)
     assert np.abs(got - table[ids]).max() <= scale.max() / 2 + 1e-6
+
+
+def test_inspect_shows_what_each_graph_got(bundles, capsys):
+    assert main(["inspect", str(bundles("bart", "el", "int8"))]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("int8")]
+    assert len(lines) == 2 and "recipe default, row activation scales" in lines[1]
+    assert "memory products 4" in lines[1]  # 2 layers x (scores, weighted sums)
