@@ -62,7 +62,7 @@ def tables(report: dict) -> str:
         lines.append(f"| el-int8 | {1e3 * s['decode_step_s']:.1f} | - | - | {1e3 * s['step_limit_int8_s']:.1f} | "
                      f"{s['step_vs_limit_int8']:.2f}x |")  # fmt: skip
     for key, value in summary.items():
-        if key.startswith("W3/") and isinstance(value, dict) and "identical_transcripts" in value:
+        if key.startswith("W3/") and isinstance(value, dict) and "clips" in value:
             lines.append(f"\n{key}: {value['identical_transcripts']}/{value['clips']} identical transcripts")
     lines += varied_tables(report)
     lines += int8_tables(report)

@@ -1044,7 +1044,10 @@ def _int8_products(bundle: Path, manifest, record: dict) -> tuple[int, int]:
     weights = {tensor.name: tensor for tensor in graph.initializer}
     products = [node for node in graph.node if node.op_type == "MatMulIntegerToFloat"]
     int8 = [weights[node.input[1]] for node in products if node.input[1] in weights]
-    found, recorded = (len(int8), len(products) - len(int8)), (len(record["int8"]), record.get("memory_products", 0))
+    lookups = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in weights
+               and weights[n.input[0]].data_type == onnx.TensorProto.INT8]  # int8 embedding tables  # fmt: skip
+    found = (len(int8) + len(lookups), len(products) - len(int8))
+    recorded = (len(record["int8"]), record.get("memory_products", 0))
     if found != recorded:
         raise BundleError(
             f"{bundle}: its manifest records {recorded[0]} int8 weight products and {recorded[1]} memory "

@@ -321,11 +321,9 @@ class _Builder:
         w = self.constant(q, "weight")
         nodes, (xq, x_scale, x_zero) = self.activation(x)
         one = self.constant(np.array(1.0, np.float32), "one")
-        per_head = weight.ndim == 3  # MatMulIntegerToFloat takes one scale per column: a head's scale comes after
-        w_scale = one if per_head else self.constant(scale.reshape(-1).astype(np.float32), "weight_scale")
+        # per column [N], or per head and column [h, 1, N] (MatMulIntegerToFloat broadcasts it over the heads)
+        w_scale = self.constant((scale.reshape(-1) if weight.ndim == 2 else scale).astype(np.float32), "weight_scale")
         after = [x_scale] if self.granularity == "row" else []
-        if per_head:
-            after.append(self.constant(scale.astype(np.float32), "head_scale"))
         a_scale = one if self.granularity == "row" else x_scale
         return [*nodes, *self._integer_product(xq, w, a_scale, w_scale, x_zero, after, out, name)]
 
