@@ -852,7 +852,7 @@ def _bench(args) -> int:
     for engine, w2 in report.get("w2", {}).items():
         print(f"W2 {engine}: largest batch within 4 GiB = {w2['largest_batch']} ({w2['stopped_by']})")
     for key, value in report["summary"].items():
-        if key.startswith("W3/") and "identical_transcripts" in value:
+        if key.startswith("W3/") and "clips" in value:  # the W3 pair lines (engine entries hold counts too)
             print(f"{key}: {value['identical_transcripts']}/{value['clips']} identical transcripts")
         if key.startswith(("W7/", "W7p/")) and "real_time_factor" in value:  # long-form: speed and accuracy
             same = value.get("identical_tokens_and_timestamps")
