@@ -75,8 +75,9 @@ class Recipe:
                    data.get("memory", False))
 
 
-# Chosen by measurement (tools/int8_recipe.py; README "int8"): which modules, left float32, bring the most
-# transcripts back to HF's float32 ones per second of speed given up, on clips the goals are not measured on.
+# Chosen by measurement (tools/int8_sensitivity.py; README "int8 on CPU"): no module group of Whisper tiny.en, left
+# float32, brought transcripts back to HF's float32 ones reproducibly, on clips the goals are not measured on; so
+# only what has no integer kernel stays float32.
 DEFAULT = Recipe(
     "default",
     {"encoder": "row", "prefill": "row", "decoder_step": "row"},

@@ -66,17 +66,17 @@ def quantize_model(model, graph_name: str, recipe: Recipe, el: bool = True) -> d
                 record["memory_products"] = record.get("memory_products", 0) + 1
                 continue
         table = _embedding_table(node, weights)
-        if table is not None and not recipe.kept(module):
-            nodes.extend(builder.lookup(table, node.input[1], node.output[0], f"{node.name}_int8"))
-            record["int8"].append(module)
-            continue
-        weight = _weight_operand(node, weights, producers)
-        if weight is None:
+        weight = None if table is not None else _weight_operand(node, weights, producers)
+        if table is None and weight is None:
             nodes.append(node)
             continue
         if keep := recipe.kept(module):
             record["float32"][module] = keep.why
             nodes.append(node)
+            continue
+        if table is not None:
+            nodes.extend(builder.lookup(table, node.input[1], node.output[0], f"{node.name}_int8"))
+            record["int8"].append(module)
             continue
         nodes.extend(builder.product(node.input[0], weight, node.output[0], f"{node.name}_int8"))
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:

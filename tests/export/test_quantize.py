@@ -197,6 +197,8 @@ def test_embedding_tables_are_int8_rows_with_their_own_scales():
         [numpy_helper.from_array(table, "table")],
     )  # fmt: skip
     model = helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 20)])
+    kept = Recipe("keep", {}, (Keep("emb*", "measured"),))
+    assert quantize_model(model.__deepcopy__(), "decoder_step", kept)["float32"] == {"embed": "measured"}
     assert quantize_model(model, "decoder_step", DEFAULT)["int8"] == ["embed"]
     assert [i.data_type for i in model.graph.initializer if i.dims == [10, 6]] == [TensorProto.INT8]
     ids = np.array([[0, 9, 9], [3, 4, 0]], np.int64)
