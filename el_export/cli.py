@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncation", action="store_true", help="cut inputs longer than the model's positions")
     p.add_argument("--truncate", dest="truncation", action="store_true", default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # fmt: skip
+    p.add_argument("--ray", metavar="ADDRESS|auto|local",
+                   help="run the --input-file/--output job on a Ray cluster: its head's host:port, auto (the cluster "
+                        "`ray start` began here), or local (a private Ray on this machine); needs el-export[ray]")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="with --ray: worker actors, each loading the bundle once (unset: the cluster's CPUs / T)")
+    p.add_argument("--threads-per-worker", type=int, metavar="T",
+                   help="with --ray: CPUs (backend threads) each worker takes (unset: 1)")  # fmt: skip
     _add_generation_arguments(p)
     p.add_argument("--json", action="store_true", help=f"print {RECORD}")
     p.set_defaults(run=_generate)
@@ -512,6 +519,10 @@ def _generate(args) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InvalidArgumentError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     kwargs = {**generation_kwargs(args), "truncation": args.truncation}
+    if args.ray is not None:
+        return _generate_on_ray(args, kwargs)
+    if given := _given_flags(args, "workers", "threads_per_worker"):
+        raise InvalidArgumentError(f"{given[0]} is for a Ray job; add --ray ADDRESS|auto|local")
     if args.output is not None:
         with JobOutput(args.output, inputs=args.input_file) as output:  # checked and locked before the bundle loads
             stats = generate_file(_load_generator(args), args.input_file, output, args.batch_size,
@@ -538,6 +549,32 @@ def _generate(args) -> int:
     return 0
 
 
+def _generate_on_ray(args, kwargs: dict) -> int:
+    from el_export.runtime.ray_job import generate_file_ray
+    from el_export.runtime.stream import JobOutput
+
+    if args.output is None:
+        raise InvalidArgumentError("--ray runs a job: give --input-file and --output (the JSONL the job appends to)")
+    with JobOutput(args.output, inputs=args.input_file) as output:  # checked and locked before the bundle is read
+        stats = generate_file_ray(
+            args.bundle, args.input_file, output, args.batch_size, address=args.ray, workers=args.workers,
+            threads=args.threads_per_worker or 1, backend=args.backend, settings=_generator_settings(args),
+            progress=sys.stderr.isatty() and not logs.quiet(), **kwargs,
+        )  # fmt: skip
+    print(
+        f"{stats.written} written, {stats.skipped} already in {args.output}, {stats.total} inputs; {stats.workers} "
+        f"Ray workers on {stats.nodes} nodes, {stats.retried} inputs retried (run again after a worker was lost)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _generator_settings(args) -> dict:
+    """The `Generator` attributes the generate flags set (`ray_job.GENERATOR_SETTINGS`)."""
+    limit = None if args.memory_limit is None else int(args.memory_limit * 2**30)
+    return {"max_batch": args.max_batch, "max_rows": args.max_rows, "batching": args.batching, "memory_limit": limit}
+
+
 def _noting(records, order: list):
     """The records, each one's line appended to `order` as it is read."""
     for record in records:
@@ -549,9 +586,8 @@ def _load_generator(args):
     import el_export
 
     generator = el_export.load(args.bundle, backend=args.backend)
-    if args.memory_limit is not None:
-        generator.memory_limit = int(args.memory_limit * 2**30)
-    generator.max_batch, generator.max_rows, generator.batching = args.max_batch, args.max_rows, args.batching
+    for name, value in _generator_settings(args).items():
+        setattr(generator, name, value)
     return generator
 
 

@@ -41,18 +41,23 @@ class FeatureSpec:
 
 
 def load_audio(
-    source: str | Path | bytes, sampling_rate: int, max_seconds: float | None = None, limit: str | None = None
+    source: str | Path | bytes,
+    sampling_rate: int,
+    max_seconds: float | None = None,
+    limit: str | None = None,
+    name: str | None = None,
 ) -> np.ndarray:
     """A WAV or FLAC file (its path, or its bytes) -> mono float32 samples at `sampling_rate`: a file at another
     rate is resampled (`resample`), with a one-line note on stderr (a warning of the `el_export.runtime.audio`
-    logger: Python prints it when no logging is set up; pytest captures it).
+    logger: Python prints it when no logging is set up; pytest captures it). `name` is what errors call bytes
+    (default "the audio bytes").
 
     Raises:
         InputError: a missing, unreadable, truncated or empty file, one of another format; one to resample that
             is longer than `max_seconds` (at any rate; `limit` says why, as `too_long`); one to resample that holds
             NaN or infinite samples (checked before resampling).
     """
-    with _sound_file(source, sampling_rate) as (name, sound):
+    with _sound_file(source, sampling_rate, name) as (name, sound):
         # checked from the header, before reading: a 1 Hz header would resample to gigabytes
         if max_seconds is not None and sound.frames > max_seconds * sound.samplerate:
             raise too_long(name, sound.frames, sound.samplerate, max_seconds, limit)
@@ -63,6 +68,31 @@ def load_audio(
     samples = mono_waveform(samples, name)  # NaN would spread through the filter: count the file's own
     _log.warning("el-export: note: %s resampled from %d Hz to %d Hz", name, rate, sampling_rate)
     return resample(samples, rate, sampling_rate)
+
+
+def read_audio_file(
+    path: str | Path, sampling_rate: int, max_seconds: float | None = None, limit: str | None = None
+) -> bytes:
+    """The bytes of a WAV or FLAC file, for a reader on another machine (a Ray job's workers), checked from its
+    header as `load_audio` checks it, and refused when the file is far larger than the samples its header declares
+    (a short header in front of gigabytes would be read whole).
+
+    Raises:
+        InputError: what `load_audio` refuses that a header shows, a file past `max_seconds`, or one too large for
+            its header.
+    """
+    with _sound_file(path, sampling_rate) as (name, sound):
+        if max_seconds is not None and sound.frames > max_seconds * sound.samplerate:
+            raise too_long(name, sound.frames, sound.samplerate, max_seconds, limit)
+        frames, most = sound.frames, sound.frames * sound.channels * 8 + 2**20  # 64-bit samples, a MiB of tags
+    with open(path, "rb") as f:
+        data = f.read(most + 1)
+    if len(data) > most:
+        raise InputError(
+            f"audio {name} holds more than {most} bytes, past what the {frames} samples its header declares "
+            "can take; re-encode it (for example: sox in.wav out.flac)"
+        )
+    return data
 
 
 def audio_seconds(path: str | Path, sampling_rate: int) -> float:
@@ -77,13 +107,13 @@ def audio_seconds(path: str | Path, sampling_rate: int) -> float:
 
 
 @contextmanager
-def _sound_file(source: str | Path | bytes, sampling_rate: int):
-    """(name, open soundfile.SoundFile) of a WAV or FLAC path or bytes; libsndfile's errors in the block (an
-    unreadable, empty or truncated file) become InputError."""
+def _sound_file(source: str | Path | bytes, sampling_rate: int, name: str | None = None):
+    """(name, open soundfile.SoundFile) of a WAV or FLAC path or bytes (called `name`); libsndfile's errors in the
+    block (an unreadable, empty or truncated file) become InputError."""
     import soundfile
 
     if isinstance(source, bytes):
-        name, file = "the audio bytes", io.BytesIO(source)
+        name, file = name or "the audio bytes", io.BytesIO(source)
     else:
         path = Path(source)
         if not path.exists():

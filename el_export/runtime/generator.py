@@ -84,6 +84,17 @@ class Generator:
                 raise BundleError(f"{name} has shape {list(mel_filters.shape)}, not [*, n_mels]")
         return cls(manifest, backend, Tokenizer.from_bundle(bundle_dir, manifest, verify), mel_filters)
 
+    @classmethod
+    def for_inputs(cls, bundle_dir: str | os.PathLike) -> "Generator":
+        """A bundle's manifest and tokenizer without its graphs (no backend): what checking inputs needs where the
+        graphs run on other machines (the driver of a Ray job). Every file is checked against its sha256.
+
+        Raises:
+            BundleError: the bundle is missing, changed or malformed.
+        """
+        manifest = read_manifest(bundle_dir, verify=True)
+        return cls(manifest, backend=None, tokenizer=Tokenizer.from_bundle(Path(bundle_dir), manifest, True))
+
     @property
     def max_source_positions(self) -> int | None:
         """The longest source: input tokens (a decoder-only prompt), or for speech the encoder's frames (Whisper's

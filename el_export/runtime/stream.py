@@ -152,7 +152,8 @@ def generate_records(
         while True:
             waiting = any(request.admitted < request.count for request in in_flight)  # keep one group waiting
             if not waiting and (batch := list(itertools.islice(records, batch_size))):
-                in_flight.append(_submit(generator, scheduler, batch, answered, truncation, kwargs))
+                in_flight.append(records_request(generator, batch, answered, truncation, kwargs))
+                scheduler.submit(in_flight[-1])
             if not scheduler.busy:
                 break
             scheduler.step()
@@ -165,13 +166,15 @@ def generate_records(
                 answered.clear()
 
 
-def _submit(generator, scheduler, batch: list[Record], answered: list, truncation: bool, kwargs: dict):
-    """Submit one group of records; each record's outputs are appended to `answered` when its input ends."""
+def records_request(generator, batch: list[Record], answered: list, truncation: bool, kwargs: dict, audio=None):
+    """The `Request` of one group of records (a scheduler's or a `BackgroundScheduler`'s to run); as each record's
+    input ends, (record, its outputs) is appended to `answered`. Speech bundles read each record's text as an
+    audio path, or take `audio` (one mono float32 array per record, at the model's rate) when given."""
     if generator.tokenizer is None:
         raise InvalidArgumentError("this model has no tokenizer (none was exported); pass token ids to generate()")
     manifest, prompt = generator.manifest, 0
     if manifest.audio:  # audio paths in: nothing to truncate
-        call = {"audio": [r.text for r in batch]}
+        call = {"audio": [r.text for r in batch] if audio is None else audio}
     else:
         input_ids, mask = generator.tokenizer.encode([r.text for r in batch], max_length=generator.max_source_positions,
                                                      truncation=truncation)  # fmt: skip
@@ -185,9 +188,7 @@ def _submit(generator, scheduler, batch: list[Record], answered: list, truncatio
         for i in range(len(outputs) // R):
             answered.append((batch[first + i], outputs[i * R : (i + 1) * R]))
 
-    request = generator.request(**call, on_input=on_input, **kwargs)
-    scheduler.submit(request)
-    return request
+    return generator.request(**call, on_input=on_input, **kwargs)
 
 
 def output_dicts(generator, out, prompt: int, kwargs: dict) -> list[dict]:
@@ -400,23 +401,30 @@ def generate_file(
     """
     if batch_size < 1:
         raise InvalidArgumentError("--batch-size must be at least 1")
-    manifest = Path(generator.backend.bundle_dir) / MANIFEST
-    job = {
-        "format": JOB_FORMAT,
-        "bundle_sha256": sha256(manifest),  # the manifest hashes every file
-        "generation": dict(sorted(kwargs.items())),
-    }
-    done = output.resume(job)
-    total = check_inputs(inputs, generator, kwargs.get("truncation", False), written=done)
-    stats = StreamStats(total=total, skipped=len(done), written=0)
-    with _progress(total, enabled=progress) as bar:
-        task = bar.add_task("generating", total=total, completed=len(done))
+    bundle_sha256 = sha256(Path(generator.backend.bundle_dir) / MANIFEST)  # the manifest hashes every file
+    done, stats = start_job(bundle_sha256, generator, inputs, output, kwargs)
+    with progress_bar(stats.total, enabled=progress) as bar:
+        task = bar.add_task("generating", total=stats.total, completed=stats.skipped)
         todo = (r for r in read_records(inputs) if r.key not in done)
         for results in generate_records(generator, todo, batch_size, **kwargs):
             output.append(results)
             stats.written += len(results)
             bar.advance(task, len(results))
     return stats
+
+
+def start_job(
+    bundle_sha256: str, generator, inputs: Path, output: JobOutput, kwargs: dict
+) -> tuple[dict[str, str], StreamStats]:
+    """Resume `output` as this job's (the sha256 of the bundle's manifest, and the generation settings) and check
+    every input, against it too; the records already written (id key -> input sha256) and the stats so far.
+
+    `generator` need only check inputs (its manifest and tokenizer): the graphs may run elsewhere.
+    """
+    job = {"format": JOB_FORMAT, "bundle_sha256": bundle_sha256, "generation": dict(sorted(kwargs.items()))}
+    done = output.resume(job)
+    total = check_inputs(inputs, generator, kwargs.get("truncation", False), written=done)
+    return done, StreamStats(total=total, skipped=len(done), written=0)
 
 
 def _open_input(path: Path):
@@ -516,7 +524,8 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "not a file")
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool):
+    """A progress bar of inputs on stderr: done of total, inputs/s, time left."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
     from rich.text import Text
