@@ -558,7 +558,7 @@ def _generate_on_ray(args, kwargs: dict) -> int:
     with JobOutput(args.output, inputs=args.input_file) as output:  # checked and locked before the bundle is read
         stats = generate_file_ray(
             args.bundle, args.input_file, output, args.batch_size, address=args.ray, workers=args.workers,
-            threads=args.threads_per_worker or 1, backend=args.backend, settings=_generator_settings(args),
+            threads=args.threads_per_worker, backend=args.backend, settings=_generator_settings(args),
             progress=sys.stderr.isatty() and not logs.quiet(), **kwargs,
         )  # fmt: skip
     print(

@@ -221,7 +221,7 @@ def generate_file_ray(
     *,
     address: str,
     workers: int | None = None,
-    threads: int = 1,
+    threads: int | None = None,
     backend: str = "onnxruntime",
     settings: dict | None = None,
     progress: bool = True,
@@ -233,7 +233,7 @@ def generate_file_ray(
     Args:
         bundle_dir: the bundle, read here and shipped to the workers through Ray's object store.
         address: "local", "auto", or a cluster's address (see `connected`).
-        threads: CPUs each worker takes (its backend's threads); a tensorrt worker takes a GPU as well.
+        threads: CPUs each worker takes (its backend's threads; unset: 1); a tensorrt worker takes a GPU as well.
         settings: `Generator` attributes each worker sets (GENERATOR_SETTINGS).
         **kwargs: generation arguments (HF names, and `truncation`).
 
@@ -247,7 +247,7 @@ def generate_file_ray(
     for name, value in (("--batch-size", batch_size), ("--workers", workers), ("--threads-per-worker", threads)):
         if value is not None and value < 1:
             raise InvalidArgumentError(f"{name} must be at least 1, got {value}")
-    settings = dict(settings or {})
+    threads, settings = threads or 1, dict(settings or {})
     if unknown := sorted(set(settings) - set(GENERATOR_SETTINGS)):
         raise InvalidArgumentError(f"unknown generator settings {unknown}; choose from {list(GENERATOR_SETTINGS)}")
     import_ray()  # before any work: a missing Ray is one line
