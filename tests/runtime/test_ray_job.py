@@ -135,6 +135,18 @@ def test_a_killed_driver_is_rerun_and_skips_what_is_done(cluster, cli_bundle, re
     assert (summary["skipped"], summary["written"]) == (kept, 40 - kept)
 
 
+def test_more_workers_than_the_nodes_hold_is_refused_before_any_runs(cluster, cli_bundle, reference, tmp_path):
+    """2 nodes of 2 CPUs hold 4 workers of 1 thread, or 2 of 2 (a fifth, or a third, would wait for ever)."""
+    output = tmp_path / "out.jsonl"
+    refusals = [(["--workers", "5"], "room for 4 workers of 1 CPU, not --workers 5"),
+                (["--workers", "3", "--threads-per-worker", "2"], "room for 2 workers of 2 CPUs, not --workers 3")]
+    for flags, room in refusals:
+        argv = [*_job(cli_bundle, reference[0], output, cluster.address), *flags]
+        done = subprocess.run(argv, env=cluster.env, capture_output=True, text=True, timeout=JOB_SECONDS)
+        assert done.returncode == 2 and room in done.stderr, done.stderr[-3000:]
+        assert len(done.stderr.strip().splitlines()) == 1 and not output.exists()
+
+
 def test_a_worker_node_killed_mid_job_loses_and_duplicates_nothing(cluster, cli_bundle, reference, tmp_path):
     """Last in this module: it leaves the cluster one worker node short."""
     inputs, output = reference[0], tmp_path / "out.jsonl"
