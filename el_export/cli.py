@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the --input-file/--output job on a Ray cluster: its head's host:port, auto (the cluster "
                         "`ray start` began here), or local (a private Ray on this machine); needs el-export[ray]")
     p.add_argument("--workers", type=int, metavar="N",
-                   help="with --ray: worker actors, each loading the bundle once (unset: the cluster's CPUs / T)")
+                   help="with --ray: worker actors, each loading the bundle once (unset: as many as the nodes hold)")
     p.add_argument("--threads-per-worker", type=int, metavar="T",
                    help="with --ray: CPUs (backend threads) each worker takes (unset: 1)")  # fmt: skip
     _add_generation_arguments(p)

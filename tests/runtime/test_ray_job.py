@@ -3,6 +3,7 @@ two nodes of 2 CPUs), started and stopped by this module. The job's records must
 record for record, with a worker node SIGKILLed mid-job and with the driver killed and rerun."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from el_export.errors import BundleError, InputError
 from el_export.tolerance import REBATCHED_SCORE_TOLERANCE
 
 pytest.importorskip("ray")  # the [ray] extra (in [dev])
-from el_export.testing.ray_cluster import LocalCluster
+from el_export.testing.ray_cluster import LocalCluster, _cmdline
 
 SETTINGS = ["--num-beams", "2", "--max-new-tokens", "40", "--batch-size", "2"]
 CLIPS = Path(__file__).parents[2] / "el_export" / "clips"
@@ -96,6 +97,23 @@ def test_the_cluster_job_writes_the_single_machine_jobs_records(cluster, cli_bun
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_same_job(output, reference)
     assert _summary(done.stderr) == {"written": 40, "skipped": 0, "total": 40, "workers": 2, "nodes": 2, "retried": 0}
+
+
+def test_local_starts_a_private_ray_and_stops_it(cli_bundle, reference, tmp_path):
+    def ray_processes() -> set[int]:
+        return {int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(int(pid)).find("/ray/") >= 0}
+
+    before = ray_processes()
+    output = tmp_path / "out.jsonl"
+    argv = [*_job(cli_bundle, reference[0], output, "local")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=JOB_SECONDS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_job(output, reference)
+    assert _summary(done.stderr)["nodes"] == 1
+    deadline = time.monotonic() + 30  # the instance it started ends with it
+    while (left := ray_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, [_cmdline(pid) for pid in left]
 
 
 def test_speech_inputs_are_audio_paths_the_driver_reads(cluster, tiny_en, tmp_path, monkeypatch):
