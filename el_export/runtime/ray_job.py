@@ -161,7 +161,7 @@ class Worker:
                         f"node {socket.gethostname()} runs el-export {el_export.__version__}, the driver {version}: "
                         "install the same el-export on every node"
                     )
-                generator = _load(ray.get(bundle[0]), bundle_sha256, backend, threads)
+                generator = _load_bundle(ray.get(bundle[0]), bundle_sha256, backend, threads)
                 for name, value in settings.items():
                     setattr(generator, name, value)
                 scheduler = BackgroundScheduler(generator.scheduler, around=generator.backend.generating)
@@ -169,7 +169,7 @@ class Worker:
             return self.loaded
 
 
-def _load(files: dict[str, bytes], bundle_sha256: str, backend: str, threads: int):
+def _load_bundle(files: dict[str, bytes], bundle_sha256: str, backend: str, threads: int):
     """Write the bundle to a private directory, load it (every file checked against the manifest's sha256) and
     remove the directory: the backends run the bytes they read."""
     import torch
@@ -194,11 +194,11 @@ def _load(files: dict[str, bytes], bundle_sha256: str, backend: str, threads: in
 def _samples(generator, items) -> list:
     """Each record's audio bytes -> mono float32 samples at the model's rate, errors naming the record's path."""
     from el_export.runtime.audio import load_audio, mono_waveform
-    from el_export.runtime.speech import _RECORDING_LIMIT, MAX_RECORDING_SECONDS
+    from el_export.runtime.speech import MAX_RECORDING_SECONDS, RECORDING_LIMIT
 
     rate = generator.manifest.audio["sampling_rate"]
     return [
-        mono_waveform(load_audio(data, rate, MAX_RECORDING_SECONDS, _RECORDING_LIMIT, name=text), f"audio {text}")
+        mono_waveform(load_audio(data, rate, MAX_RECORDING_SECONDS, RECORDING_LIMIT, name=text), f"audio {text}")
         for _, text, data in items
     ]
 
@@ -336,10 +336,10 @@ def _items(group: list[Record], audio) -> list[tuple[int, str, bytes | None]]:
     if not audio:
         return [(record.line, record.text, None) for record in group]
     from el_export.runtime.audio import read_audio_file
-    from el_export.runtime.speech import _RECORDING_LIMIT, MAX_RECORDING_SECONDS
+    from el_export.runtime.speech import MAX_RECORDING_SECONDS, RECORDING_LIMIT
 
     rate = audio["sampling_rate"]
-    return [(r.line, r.text, read_audio_file(r.text, rate, MAX_RECORDING_SECONDS, _RECORDING_LIMIT)) for r in group]
+    return [(r.line, r.text, read_audio_file(r.text, rate, MAX_RECORDING_SECONDS, RECORDING_LIMIT)) for r in group]
 
 
 def _result(ray, ref):

@@ -28,7 +28,7 @@ from el_export.runtime.audio import (
 
 # The longest recording accepted (a WAV header can claim anything; features take 32 KB a second): 4 hours.
 MAX_RECORDING_SECONDS = 4 * 3600
-_RECORDING_LIMIT = f"el-export transcribes recordings of up to {MAX_RECORDING_SECONDS} s (4 hours)"
+RECORDING_LIMIT = f"el-export transcribes recordings of up to {MAX_RECORDING_SECONDS} s (4 hours)"
 
 
 @dataclass(frozen=True)
@@ -171,12 +171,12 @@ def _waveform(audio, name: str, rate: int, spec: FeatureSpec):
     """A file read at its own rate, or an array at `rate`, as samples at the model's rate. An array to resample is
     checked, and refused when too long, first (an array said to be at 1 Hz would resample to gigabytes)."""
     if isinstance(audio, str | Path):
-        return load_audio(audio, spec.sampling_rate, MAX_RECORDING_SECONDS, _RECORDING_LIMIT)
+        return load_audio(audio, spec.sampling_rate, MAX_RECORDING_SECONDS, RECORDING_LIMIT)
     if rate == spec.sampling_rate:
         return audio  # checked by the caller
     samples = mono_waveform(audio, name)
     if samples.size > MAX_RECORDING_SECONDS * rate:
-        raise too_long(name, samples.size, rate, MAX_RECORDING_SECONDS, _RECORDING_LIMIT)
+        raise too_long(name, samples.size, rate, MAX_RECORDING_SECONDS, RECORDING_LIMIT)
     return resample(samples, rate, spec.sampling_rate)
 
 

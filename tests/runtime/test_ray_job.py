@@ -229,18 +229,18 @@ def test_a_worker_writes_only_the_bundle_it_was_sent(cli_bundle):
     """What reaches a worker is checked again: the manifest against the job's sha256, names inside the bundle, and
     every file against the manifest (by `el_export.load`)."""
     from el_export.contract.files import sha256_bytes
-    from el_export.runtime.ray_job import _load, bundle_files
+    from el_export.runtime.ray_job import _load_bundle, bundle_files
 
     files = bundle_files(cli_bundle)
     manifest = sha256_bytes(files["manifest.json"])
     with pytest.raises(BundleError, match="reached this worker changed"):
-        _load(files, "0" * 64, "onnxruntime", 1)
+        _load_bundle(files, "0" * 64, "onnxruntime", 1)
     with pytest.raises(BundleError, match="leaves the bundle directory"):
-        _load({**files, "../escape.txt": b"x"}, manifest, "onnxruntime", 1)
+        _load_bundle({**files, "../escape.txt": b"x"}, manifest, "onnxruntime", 1)
     name = next(n for n in files if n.endswith(".onnx"))
     with pytest.raises(BundleError):
-        _load({**files, name: files[name][:-1] + b"\0"}, manifest, "onnxruntime", 1)
-    assert _load(files, manifest, "onnxruntime", 1).generate_text(["a fox"], max_new_tokens=3)
+        _load_bundle({**files, name: files[name][:-1] + b"\0"}, manifest, "onnxruntime", 1)
+    assert _load_bundle(files, manifest, "onnxruntime", 1).generate_text(["a fox"], max_new_tokens=3)
 
 
 def test_the_driver_refuses_audio_files_it_cannot_ship(tmp_path):
