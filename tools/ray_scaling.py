@@ -140,13 +140,13 @@ def _print(name: str, run: dict, single: dict) -> None:
 def _driver_rates(work: Path, clips: list[Path]) -> dict:
     """What the driver does per input, alone: append+fsync groups of 4 records of this workload, read audio files."""
     from el_export.runtime.audio import read_audio_file
-    from el_export.runtime.stream import JobOutput, Record
+    from el_export.runtime.stream import JOB_FORMAT, JobOutput, Record
 
     outputs = [{"text": "The train to Boston leaves from platform four.", "token_ids": list(range(20)), "score": -0.3}]
     path = work / "append-rate.jsonl"
     path.unlink(missing_ok=True)
     with JobOutput(path) as output:
-        output.resume({"format": 2, "bundle_sha256": "0" * 64, "generation": {}})
+        output.resume({"format": JOB_FORMAT, "bundle_sha256": "0" * 64, "generation": {}})
         started, groups = time.monotonic(), 500
         for g in range(groups):
             output.append([(Record(4 * g + i, f"id-{4 * g + i}", str(clips[0])), outputs) for i in range(4)])

@@ -58,9 +58,7 @@ def load_audio(
             NaN or infinite samples (checked before resampling).
     """
     with _sound_file(source, sampling_rate, name) as (name, sound):
-        # checked from the header, before reading: a 1 Hz header would resample to gigabytes
-        if max_seconds is not None and sound.frames > max_seconds * sound.samplerate:
-            raise too_long(name, sound.frames, sound.samplerate, max_seconds, limit)
+        _check_length(name, sound, max_seconds, limit)  # from the header: a 1 Hz header would resample to gigabytes
         samples, rate = sound.read(dtype="float32", always_2d=True), sound.samplerate
     samples = samples.mean(axis=1)  # mono
     if rate == sampling_rate:
@@ -82,8 +80,7 @@ def read_audio_file(
             its header.
     """
     with _sound_file(path, sampling_rate) as (name, sound):
-        if max_seconds is not None and sound.frames > max_seconds * sound.samplerate:
-            raise too_long(name, sound.frames, sound.samplerate, max_seconds, limit)
+        _check_length(name, sound, max_seconds, limit)
         frames, most = sound.frames, sound.frames * sound.channels * 8 + 2**20  # 64-bit samples, a MiB of tags
     with open(path, "rb") as f:
         data = f.read(most + 1)
@@ -93,6 +90,12 @@ def read_audio_file(
             "can take; re-encode it (for example: sox in.wav out.flac)"
         )
     return data
+
+
+def _check_length(name: str, sound, max_seconds: float | None, limit: str | None) -> None:
+    """Refuse an open sound file whose header says it lasts more than `max_seconds`, before any of it is read."""
+    if max_seconds is not None and sound.frames > max_seconds * sound.samplerate:
+        raise too_long(name, sound.frames, sound.samplerate, max_seconds, limit)
 
 
 def audio_seconds(path: str | Path, sampling_rate: int) -> float:
